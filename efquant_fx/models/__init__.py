@@ -1,0 +1,8 @@
+"""Model zoo: face backbones created by name, plus importers for ONNX and MXNet models."""
+
+from efquant_fx.models import iresnet as _iresnet  # noqa: F401  (registers arcface_r*)
+from efquant_fx.models import mobilefacenet as _mobilefacenet  # noqa: F401  (registers mobilefacenet)
+from efquant_fx.models.checkpoint import load_weights, read_state_dict
+from efquant_fx.models.registry import create_model, describe_models, list_models, register_model
+
+__all__ = ["create_model", "describe_models", "list_models", "load_weights", "read_state_dict", "register_model"]
