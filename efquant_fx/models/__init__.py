@@ -6,3 +6,6 @@ from efquant_fx.models.checkpoint import load_weights, read_state_dict
 from efquant_fx.models.registry import create_model, describe_models, list_models, register_model
 
 __all__ = ["create_model", "describe_models", "list_models", "load_weights", "read_state_dict", "register_model"]
+from efquant_fx.models.loader import load_model  # noqa: E402
+
+__all__ += ["load_model"]

@@ -1,0 +1,178 @@
+"""The Python API: ``compress(model, recipe)`` runs the pipeline stages in order.
+
+recipe -> float model -> traced graph -> (pruned) -> quantized + calibrated graph -> fine-tuned
+graph -> result. Each stage is a plain function in its own package; this module only sequences
+them and collects what they report.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from efquant_fx.errors import EfquantError
+from efquant_fx.graph import calibrate as calib
+from efquant_fx.graph import ptq
+from efquant_fx.graph.quantize import quantize_graph
+from efquant_fx.graph.report import (
+    compressed_size_bytes,
+    embedding_cosine,
+    float_size_bytes,
+    layer_table,
+    summarize,
+)
+from efquant_fx.graph.trace import trace
+from efquant_fx.models.loader import load_model
+from efquant_fx.recipe import DataSpec, Recipe, load_recipe
+from efquant_fx.result import CompressionResult
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EfquantError("device 'cuda' asked for but CUDA is not available", field="device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _batches_from(data: torch.Tensor | Iterable[Any], batch_size: int, limit: int) -> list[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        data = data[:limit]
+        return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
+    out, n = [], 0
+    for item in data:
+        x = item[0] if isinstance(item, list | tuple) else item
+        x = x[: limit - n]
+        out.append(x)
+        n += x.shape[0]
+        if n >= limit:
+            break
+    return out
+
+
+def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
+                        teacher: nn.Module | None = None) -> list[torch.Tensor]:
+    """Images for calibration as a list of batches (kept in memory: a few hundred 112x112 images)."""
+    if spec.kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        n = spec.n or images
+        x = torch.rand(min(n, images), 3, 112, 112, generator=g) * 2 - 1
+        return _batches_from(x, batch_size, images)
+    from efquant_fx.data import build_dataset  # the data stage; only needed for real/synthetic images
+
+    dataset, _report = build_dataset(spec.model_dump(), teacher=teacher)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return _batches_from(loader, batch_size, images)
+
+
+def compress(
+    model: nn.Module | str | Path,
+    recipe: Recipe | dict[str, Any] | str | Path,
+    *,
+    calibration_data: torch.Tensor | Iterable[Any] | None = None,
+    overrides: Sequence[str] = (),
+    weights: str | Path | None = None,
+) -> CompressionResult:
+    """Compress ``model`` as ``recipe`` says and return the compressed graph with its report.
+
+    ``model`` is an ``nn.Module``, a registry name or an ONNX/MXNet file; the original is never
+    modified (the compressed copy is a new GraphModule, the float original becomes the teacher).
+    ``calibration_data`` (a tensor of preprocessed images or an iterable of batches) overrides the
+    recipe's ``calibration.data``.
+    """
+    recipe = load_recipe(recipe, list(overrides))
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(recipe.device)
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    t0 = time.perf_counter()
+    float_model = load_model(model if model is not None else recipe.model.name,
+                             weights or recipe.model.weights, **recipe.model.kwargs)
+    teacher = float_model.eval().to(device)
+    student = copy.deepcopy(teacher)
+    gm = trace(student, recipe.model.leaf_modules)
+    size_before = float_size_bytes(teacher)
+    timings["load_and_trace"] = time.perf_counter() - t0
+
+    cal = recipe.calibration
+    t0 = time.perf_counter()
+    if calibration_data is not None:
+        batches = _batches_from(calibration_data, cal.batch_size, cal.images)
+    else:
+        batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher)
+        if cal.data.kind == "random":
+            notes.append("calibrated on random inputs (calibration.data.kind=random): fine for a smoke test, "
+                         "not for accuracy; use face images or kind: synthetic")
+    batches = [b.to(device) for b in batches]
+    if not batches:
+        raise EfquantError("calibration data is empty", field="calibration.data")
+    held_out = batches[-1] if len(batches) > 1 else batches[0]
+    fit_batches = batches[:-1] if len(batches) > 1 else batches
+    timings["calibration_data"] = time.perf_counter() - t0
+
+    plans: dict[str, Any] = {}
+    calibration_stats: list[dict[str, Any]] = []
+    if recipe.prune is not None and recipe.prune.kind != "none":
+        t0 = time.perf_counter()
+        from efquant_fx.graph import prune
+
+        if recipe.prune.kind == "unstructured":
+            prune.prune_unstructured(gm, recipe.prune.sparsity, exclude=recipe.prune.exclude)
+        else:
+            prune.prune_channels(gm, recipe.prune.sparsity, held_out[:2], exclude=recipe.prune.exclude)
+            gm = trace(gm) if not isinstance(gm, torch.fx.GraphModule) else gm
+        timings["prune"] = time.perf_counter() - t0
+
+    q = recipe.quant
+    if q is not None and q.enabled:
+        t0 = time.perf_counter()
+        if q.batchnorm == "fold":
+            gm = ptq.fold_batchnorm(gm)
+        if recipe.ptq.cross_layer_equalization:
+            gm = ptq.cross_layer_equalization(gm, recipe.ptq.cross_layer_equalization)
+        if recipe.ptq.act_equalization:
+            gm = ptq.activation_equalization(gm, recipe.ptq.act_equalization, fit_batches, device)
+        plans = quantize_graph(gm, q)
+        gm.to(device)
+        timings["rewrite"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        calibration_stats = calib.calibrate(gm, fit_batches, device)
+        timings["calibrate"] = time.perf_counter() - t0
+        if q.batchnorm == "reestimate":
+            t0 = time.perf_counter()
+            ptq.reestimate_batchnorm(gm, fit_batches, device)
+            timings["bn_reestimate"] = time.perf_counter() - t0
+        if recipe.ptq.gptq:
+            t0 = time.perf_counter()
+            skipped = ptq.gptq(gm, fit_batches, recipe.ptq.gptq_exclude, recipe.ptq.gptq_act_order, device)
+            if skipped:
+                notes.append(f"GPTQ skipped {', '.join(skipped)} (ptq.gptq_exclude)")
+            timings["gptq"] = time.perf_counter() - t0
+        if recipe.ptq.bias_correction:
+            t0 = time.perf_counter()
+            ptq.bias_correction(gm, fit_batches, device)
+            timings["bias_correction"] = time.perf_counter() - t0
+
+    gm.eval()
+    result = CompressionResult(
+        model=gm, teacher=teacher, recipe=recipe, calibration=calibration_stats, timings=timings, notes=notes,
+        size_bytes_before=size_before,
+    )
+    result.layers = layer_table(gm, plans)
+    result.summary = summarize(result.layers)
+    result.size_bytes_after = compressed_size_bytes(gm)
+    result.fidelity = embedding_cosine(teacher, gm, held_out)
+
+    if recipe.finetune is not None:
+        from efquant_fx.finetune import finetune  # the fine-tune stage
+
+        finetune(result)
+        result.fidelity = embedding_cosine(teacher, result.model, held_out)
+    return result

@@ -1,0 +1,1 @@
+"""Graph rewrite stage: trace, prune, quantize, calibrate, post-training fixes."""

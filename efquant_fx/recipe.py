@@ -1,0 +1,287 @@
+"""Declarative, versioned recipes: what to compress, how, and how to fine-tune and evaluate it.
+
+Recipes are YAML (read with ``yaml.safe_load``) validated by the pydantic models below; every
+problem is reported as one line ``file: field.path: what was expected``. ``--set a.b=value``
+overrides are applied before validation, and the resolved recipe is written next to each result.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from efquant_fx.errors import RecipeError
+
+RECIPE_VERSION = 1
+Bits = int
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(_Strict):
+    """Where images come from. ``random`` is only for smoke tests (no faces involved)."""
+
+    kind: Literal["folder", "list", "recordio", "synthetic", "random"] = "random"
+    root: str | None = None
+    list: str | None = None
+    max_images: int | None = Field(default=None, ge=1)
+    max_identities: int | None = Field(default=None, ge=1)
+    min_images_per_identity: int = Field(default=1, ge=1)
+    n: int | None = Field(default=None, ge=1, description="number of images for synthetic/random data")
+    cache: str | None = Field(default=None, description="cache folder for synthesized images")
+    seed: int | None = None
+
+
+class ModelSpec(_Strict):
+    name: str | None = Field(default=None, description="registry name, or a path to .onnx / MXNet symbol .json")
+    weights: str | None = Field(default=None, description="insightface-layout backbone.pth / model.pt")
+    leaf_modules: list[str] = Field(default_factory=list, description="module names/classes FX must not trace into")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class LayerRule(_Strict):
+    """Per-layer override; the first rule whose ``match`` regex finds the module name wins."""
+
+    match: str
+    weight_bits: Bits | None = Field(default=None, ge=2, le=8)
+    act_bits: Bits | None = Field(default=None, ge=2, le=8)
+    skip: bool = Field(default=False, description="leave this layer in float")
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        return v
+
+
+class QuantConfig(_Strict):
+    enabled: bool = True
+    weight_bits: Bits = Field(default=8, ge=2, le=8)
+    act_bits: Bits = Field(default=8, ge=2, le=8)
+    weight_granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    weight_symmetric: bool = True
+    act_symmetric: bool = True
+    weight_estimator: Literal["minmax", "mse"] = "minmax"
+    observer: Literal["minmax", "moving_average", "percentile", "mse"] = "minmax"
+    percentile: float = Field(default=99.99, gt=50, le=100)
+    layer_types: list[Literal["Conv2d", "Linear"]] = Field(default_factory=lambda: ["Conv2d", "Linear"])
+    exclude: list[str] = Field(default_factory=list, description="regexes of module names left in float")
+    layers: list[LayerRule] = Field(default_factory=list)
+    act_points: list[Literal["compute_input", "prelu", "residual_add", "output"]] = Field(
+        default_factory=lambda: ["compute_input", "prelu", "residual_add"]
+    )
+    quantize_prelu_slopes: bool = False
+    batchnorm: Literal["keep", "fold", "reestimate"] = "fold"
+
+
+class CalibrationConfig(_Strict):
+    images: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    data: DataSpec = Field(default_factory=DataSpec)
+
+
+class PTQConfig(_Strict):
+    """Post-training improvements that Brevitas already implements, as switches."""
+
+    cross_layer_equalization: int = Field(default=0, ge=0, description="EqualizeGraph iterations (0 = off)")
+    act_equalization: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant alpha")
+    bias_correction: bool = False
+    gptq: bool = False
+    gptq_act_order: bool = True
+    gptq_exclude: list[str] = Field(
+        default_factory=lambda: ["^fc$"],
+        description="layers GPTQ skips; the 25088-input fc needs > 9 GB for its Hessian",
+    )
+
+
+class PruneConfig(_Strict):
+    kind: Literal["none", "unstructured", "channels"] = "none"
+    sparsity: float = Field(default=0.3, gt=0, lt=1)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class LossTerm(_Strict):
+    weight: float = Field(default=1.0, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FinetuneConfig(_Strict):
+    data: DataSpec = Field(default_factory=DataSpec)
+    steps: int = Field(default=300, ge=1)
+    identities_per_batch: int = Field(default=16, ge=1)
+    images_per_identity: int = Field(default=4, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    step_milestones: list[int] = Field(default_factory=list)
+    clip_grad_norm: float | None = Field(default=5.0, gt=0)
+    losses: dict[str, LossTerm] = Field(default_factory=lambda: {"kd_mse": LossTerm(), "ekd": LossTerm()})
+    calibrate_steps: int = Field(default=0, ge=0, description="steps with activation observers on, then frozen")
+    batchnorm: Literal["teacher", "reestimate"] = "teacher"
+    amp: bool = True
+    channels_last: bool = True
+    eval_every: int = Field(default=0, ge=0)
+    checkpoint_every: int = Field(default=50, ge=1)
+    max_bad_steps: int = Field(default=5, ge=0)
+
+
+class Recipe(_Strict):
+    version: Literal[1] = RECIPE_VERSION
+    name: str = "recipe"
+    description: str = ""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    quant: QuantConfig | None = None
+    prune: PruneConfig | None = None
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    ptq: PTQConfig = Field(default_factory=PTQConfig)
+    finetune: FinetuneConfig | None = None
+    eval: list[dict[str, Any]] = Field(default_factory=list)
+    export: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def hash(self) -> str:
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved recipe atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+        return path
+
+
+def shared_root() -> Path:
+    """``$EFQUANT_SHARED`` or ``../shared`` (benchmarks and real-data tests read data from here)."""
+    return Path(os.environ.get("EFQUANT_SHARED", "../shared"))
+
+
+def _expand(value: Any) -> Any:
+    """Expand ``${EFQUANT_SHARED}`` and other env vars in string fields."""
+    if isinstance(value, str) and "$" in value:
+        env = dict(os.environ)
+        env.setdefault("EFQUANT_SHARED", str(shared_root()))
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), m.group(0)), value)
+    if isinstance(value, dict):
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``4``, ``true``, ``[a, b]``)."""
+    data = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"{source}: {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node[int(part)] if isinstance(node, list) and part.isdigit() else node.get(part)
+            if nxt is None:
+                nxt = {}
+                node[part] = nxt
+            elif not isinstance(nxt, dict | list):
+                problems.append(f"{source}: {'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+                break
+            node = nxt
+        else:
+            last = parts[-1]
+            if isinstance(node, list) and last.isdigit():
+                node[int(last)] = value
+            else:
+                node[last] = value
+    if problems:
+        raise RecipeError(problems)
+    return data
+
+
+def _format_errors(exc: ValidationError, source: str) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the recipe reference)"
+        got = err.get("input")
+        shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {msg}{shown}")
+    return lines
+
+
+def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError([f"{source}: <root>: expected a mapping of recipe sections, got {type(data).__name__}"])
+    try:
+        return Recipe.model_validate(_expand(data))
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source)) from None
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: file not found"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"{path}: {where}malformed YAML ({problem})"]) from None
+    except UnicodeDecodeError:
+        raise RecipeError([f"{path}: not a UTF-8 text file"]) from None
+    return data if data is not None else {}
+
+
+def load_recipe(
+    recipe: str | Path | dict[str, Any] | Recipe, overrides: list[str] | None = None
+) -> Recipe:
+    """Load and validate a recipe from a YAML file, a dict or an existing Recipe, applying overrides."""
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        data, source = recipe.to_dict(), "<recipe>"
+    elif isinstance(recipe, dict):
+        data, source = recipe, "<recipe>"
+    else:
+        data, source = read_recipe_file(recipe), str(recipe)
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError([f"{source}: <root>: expected a mapping of recipe sections"])
+        data = apply_overrides(data, overrides)
+    return validate_recipe(data, source)

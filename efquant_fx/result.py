@@ -1,0 +1,93 @@
+"""What :func:`efquant_fx.compress` returns: the compressed graph plus everything needed to trust it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from efquant_fx.recipe import Recipe
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file then rename: a crash never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    teacher: nn.Module
+    recipe: Recipe
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, int] = field(default_factory=dict)
+    size_bytes_before: int = 0
+    size_bytes_after: int = 0
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    fidelity: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.size_bytes_after / max(self.size_bytes_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.name,
+            "recipe_hash": self.recipe.hash,
+            "summary": self.summary,
+            "size_bytes_before": self.size_bytes_before,
+            "size_bytes_after": self.size_bytes_after,
+            "size_ratio": self.size_ratio,
+            "fidelity": self.fidelity,
+            "timings_s": self.timings,
+            "notes": self.notes,
+            "layers": self.layers,
+            "calibration": self.calibration,
+            "history": self.history,
+        }
+
+    def table(self, max_rows: int | None = 40):
+        """A rich table of the per-layer plan (compute layers and quant points)."""
+        from rich.table import Table
+
+        t = Table(title=f"{self.recipe.name}: {self.summary.get('quantized_layers', 0)}/"
+                        f"{self.summary.get('compute_layers', 0)} layers quantized, "
+                        f"{self.size_bytes_before / 2**20:.2f} MiB -> {self.size_bytes_after / 2**20:.2f} MiB")
+        for col in ("layer", "type", "params", "W bits", "A bits", "status", "why"):
+            t.add_column(col)
+        rows = [r for r in self.layers if r["type"] != "ActQuant"]
+        shown = rows if max_rows is None else rows[:max_rows]
+        for r in shown:
+            t.add_row(r["layer"], r["type"], f"{r['params']:,}", str(r.get("weight_bits") or "-"),
+                      str(r.get("act_bits") or "-"), r["status"], r.get("reason", ""))
+        if len(shown) < len(rows):
+            t.add_row(f"... {len(rows) - len(shown)} more", "", "", "", "", "", "")
+        return t
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``recipe.yaml`` (resolved), ``compression.json`` and ``model.pt`` (state dict), atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.recipe.save(out / "recipe.yaml")
+        atomic_write_bytes(out / "compression.json", json.dumps(self.to_dict(), indent=2, default=str).encode())
+        atomic_torch_save(self.model.state_dict(), out / "model.pt")
+        return out
