@@ -142,13 +142,14 @@ def compress(
         plans = quantize_graph(gm, q)
         gm.to(device)
         timings["rewrite"] = time.perf_counter() - t0
+        if q.batchnorm == "reestimate":  # BN statistics under quantized weights, before ranges are taken
+            t0 = time.perf_counter()
+            with calib.points_disabled(gm):
+                ptq.reestimate_batchnorm(gm, fit_batches, device)
+            timings["bn_reestimate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         calibration_stats = calib.calibrate(gm, fit_batches, device)
         timings["calibrate"] = time.perf_counter() - t0
-        if q.batchnorm == "reestimate":
-            t0 = time.perf_counter()
-            ptq.reestimate_batchnorm(gm, fit_batches, device)
-            timings["bn_reestimate"] = time.perf_counter() - t0
         if recipe.ptq.gptq:
             t0 = time.perf_counter()
             skipped = ptq.gptq(gm, fit_batches, recipe.ptq.gptq_exclude, recipe.ptq.gptq_act_order, device)

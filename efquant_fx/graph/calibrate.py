@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -12,6 +13,20 @@ from efquant_fx.graph.modules import ActQuant
 
 def _points(model: nn.Module) -> dict[str, ActQuant]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+@contextmanager
+def points_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model with activation quantization off (weights stay quantized)."""
+    points = _points(model).values()
+    modes = [p.mode for p in points]
+    for p in points:
+        p.mode = "float"
+    try:
+        yield
+    finally:
+        for p, mode in zip(points, modes, strict=True):
+            p.mode = mode
 
 
 def start_observing(model: nn.Module) -> None:
