@@ -34,6 +34,11 @@ class DataSpec(_Strict):
     kind: Literal["folder", "list", "recordio", "synthetic", "random"] = "random"
     root: str | None = None
     list: str | None = None
+    idx: str | None = Field(default=None, description="RecordIO index (default: beside the .rec)")
+    validate: Literal["decode", "header", "none"] | None = Field(
+        default=None, description="how images are checked up front (decode = fully, the default)"
+    )
+    flip: bool | None = Field(default=None, description="random horizontal flip when training")
     max_images: int | None = Field(default=None, ge=1)
     max_identities: int | None = Field(default=None, ge=1)
     min_images_per_identity: int = Field(default=1, ge=1)
