@@ -66,8 +66,7 @@ def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
         return _batches_from(x, batch_size, images)
     from efquant_fx.data import build_dataset  # the data stage; only needed for real/synthetic images
 
-    fields = spec.model_dump(exclude_none=True, exclude={"n", "cache"})
-    dataset, _report = build_dataset(fields, train=False, prefix="calibration.data")
+    dataset, _report = build_dataset(spec.dataset_fields(), train=False, prefix="calibration.data")
     # a seeded shuffle, so a few hundred calibration images span many identities
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)

@@ -35,7 +35,7 @@ class DataSpec(_Strict):
     root: str | None = None
     list: str | None = None
     idx: str | None = Field(default=None, description="RecordIO index (default: beside the .rec)")
-    validate: Literal["decode", "header", "none"] | None = Field(
+    verify: Literal["decode", "header", "none"] | None = Field(
         default=None, description="how images are checked up front (decode = fully, the default)"
     )
     flip: bool | None = Field(default=None, description="random horizontal flip when training")
@@ -45,6 +45,13 @@ class DataSpec(_Strict):
     n: int | None = Field(default=None, ge=1, description="number of images for synthetic/random data")
     cache: str | None = Field(default=None, description="cache folder for synthesized images")
     seed: int | None = None
+
+    def dataset_fields(self) -> dict[str, Any]:
+        """The keys :func:`efquant_fx.data.build_dataset` takes (it calls ``verify`` ``validate``)."""
+        fields = self.model_dump(exclude_none=True, exclude={"n", "cache"})
+        if "verify" in fields:
+            fields["validate"] = fields.pop("verify")
+        return fields
 
 
 class ModelSpec(_Strict):
