@@ -1,0 +1,3 @@
+from efquant_fx.cli import app
+
+app(prog_name="efquant-fx")
