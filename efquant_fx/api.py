@@ -80,13 +80,16 @@ def compress(
     calibration_data: torch.Tensor | Iterable[Any] | None = None,
     overrides: Sequence[str] = (),
     weights: str | Path | None = None,
+    finetune_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> CompressionResult:
     """Compress ``model`` as ``recipe`` says and return the compressed graph with its report.
 
     ``model`` is an ``nn.Module``, a registry name or an ONNX/MXNet file; the original is never
     modified (the compressed copy is a new GraphModule, the float original becomes the teacher).
     ``calibration_data`` (a tensor of preprocessed images or an iterable of batches) overrides the
-    recipe's ``calibration.data``.
+    recipe's ``calibration.data``. ``finetune_dir`` receives fine-tune checkpoints; with
+    ``resume`` a killed fine-tune continues from its last checkpoint there.
     """
     recipe = load_recipe(recipe, list(overrides))
     torch.manual_seed(recipe.seed)
@@ -176,6 +179,6 @@ def compress(
     if recipe.finetune is not None:
         from efquant_fx.finetune import finetune  # the fine-tune stage
 
-        finetune(result)
+        finetune(result, out_dir=Path(finetune_dir) if finetune_dir else None, resume=resume)
         result.fidelity = embedding_cosine(teacher, result.model, held_out)
     return result

@@ -141,13 +141,14 @@ def apply_cmd(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or model file (overrides recipe)")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="insightface backbone.pth")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="aligned face images (folder, or list file)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="aligned faces: a folder or a list file",
+                                              envvar="EFQUANT_DATA")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/latest"),
     set_: Annotated[list[str], typer.Option("--set", help="override key.path=value")] = [],  # noqa: B006
-    resume: Annotated[bool, typer.Option("--resume", help="continue a fine-tune from out/last.pt")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="continue a fine-tune from its last checkpoint")] = False,
 ) -> None:
     """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory."""
-    from efquant_fx.api import compress
+    from efquant_fx.pipeline import check_writable, run_recipe
     from efquant_fx.recipe import load_recipe
 
     overrides = list(set_)
@@ -158,13 +159,21 @@ def apply_cmd(
     spec = load_recipe(recipe, overrides)
     if data is not None:
         spec = _with_data(spec, data)
-    _check_writable(out)
-    result = compress(spec.model.name, spec, weights=spec.model.weights)
-    result.save(out)
+    check_writable(out)
+    report = run_recipe(spec, out_dir=out, resume=resume, progress=console.is_terminal)
+    result = report.result
     console.print(result.table(max_rows=30))
     f = result.fidelity
     console.print(f"teacher-student embedding cosine on held-out images: mean {f['cosine_mean']:.4f}, "
                   f"worst {f['cosine_min']:.4f} ({f['images']} images)", markup=False)
+    console.print(f"size: {result.size_bytes_before / 2**20:.2f} MiB -> {result.size_bytes_after / 2**20:.2f} MiB "
+                  f"({result.size_ratio:.3f}x)", markup=False)
+    if report.metrics:
+        from efquant_fx.eval import compare_table
+
+        console.print(compare_table(report.metrics["teacher"], report.metrics["student"], names=["compressed"]))
+    for name, info in report.exports.items():
+        console.print(f"exported {name}: {info}", markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     console.print(f"run directory: {out}", markup=False)
@@ -184,17 +193,6 @@ def _with_data(spec, data: Path):
     if spec.finetune is not None:
         overrides += [o.replace("calibration.", "finetune.", 1) for o in overrides]
     return load_recipe(spec, overrides)
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise EfquantError(f"output directory is not writable ({exc.strerror})", source=str(out),
-                           field="--out") from None
 
 
 def run() -> None:  # pragma: no cover - console script entry

@@ -1,0 +1,84 @@
+"""A whole recipe run, as the CLI's ``apply`` does it: compress (+ fine-tune), evaluate teacher and
+student side by side, export, and leave everything in one run directory.
+
+Run directory: ``recipe.yaml`` (resolved), ``compression.json`` (per-layer report), ``model.pt``
+(compressed state dict), fine-tune checkpoints, ``metrics.json``, ``roc.png``, ``export/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from efquant_fx.api import compress, resolve_device
+from efquant_fx.errors import EfquantError
+from efquant_fx.recipe import Recipe, load_recipe
+from efquant_fx.result import CompressionResult
+
+
+@dataclass
+class RunReport:
+    out_dir: Path
+    result: CompressionResult
+    metrics: dict[str, Any] = field(default_factory=dict)
+    exports: dict[str, Any] = field(default_factory=dict)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work when the run directory cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EfquantError(f"output directory is not writable ({exc.strerror})", source=str(out),
+                           field="--out") from None
+
+
+def evaluate_pair(recipe: Recipe, teacher: nn.Module, student: nn.Module, out: Path,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run every evaluator of the recipe on teacher and student; write metrics.json and roc.png."""
+    from efquant_fx.eval import build_evaluators, model_hash, plot_roc, write_metrics_json
+
+    evaluators = build_evaluators(recipe.eval, source="recipe eval")
+    device = resolve_device(recipe.device)
+    cache = out / "feature_cache"
+    results: dict[str, list] = {"teacher": [], "student": []}
+    for ev in evaluators:
+        for role, model in (("teacher", teacher), ("student", student)):
+            results[role].append(ev.evaluate(model.eval(), device=str(device), cache=cache, progress=progress))
+    hashes = {"teacher": model_hash(teacher), "student": model_hash(student)}
+    write_metrics_json(out / "metrics.json", results, recipe_hash=recipe.hash, model_hashes=hashes,
+                       extra={"recipe": recipe.name})
+    curves = {}
+    for role in ("teacher", "student"):
+        for r in results[role]:
+            if r.curve is not None:
+                curves[f"{role} {r.name}"] = r
+    if curves:
+        plot_roc(out / "roc.png", curves, title=recipe.name)
+    return results
+
+
+def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module | str | None = None,
+               out_dir: str | Path = "runs/latest", overrides: list[str] | None = None, resume: bool = False,
+               progress: bool = True) -> RunReport:
+    """The whole job, as :command:`efquant-fx apply` runs it."""
+    spec = load_recipe(recipe, overrides or [])
+    out = Path(out_dir)
+    check_writable(out)
+    spec.save(out / "recipe.yaml")  # written first: a failed run still says what was asked
+    result = compress(model if model is not None else spec.model.name, spec, finetune_dir=out, resume=resume)
+    result.save(out)
+    report = RunReport(out_dir=out, result=result)
+    if spec.eval:
+        report.metrics = evaluate_pair(spec, result.teacher, result.model, out, progress=progress)
+    if spec.export:
+        from efquant_fx.export import export_model
+
+        report.exports = export_model(result, out / "export", **spec.export)
+    return report
