@@ -64,7 +64,13 @@ def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
         n = spec.n or images
         x = torch.rand(min(n, images), 3, 112, 112, generator=g) * 2 - 1
         return _batches_from(x, batch_size, images)
-    from efquant_fx.data import build_dataset  # the data stage; only needed for real/synthetic images
+    if spec.kind == "synthetic":  # data-free: invert the teacher's BatchNorm statistics (cached on disk)
+        from efquant_fx.data.synthetic import synthetic_dataset
+
+        dataset, _report = synthetic_dataset(spec.model_dump(exclude_none=True), teacher, n_default=images,
+                                             seed=seed, train=False, prefix="calibration.data")
+        return _batches_from(dataset.images, batch_size, images)
+    from efquant_fx.data import build_dataset  # the data stage; only needed for real images
 
     dataset, _report = build_dataset(spec.dataset_fields(), train=False, prefix="calibration.data")
     # a seeded shuffle, so a few hundred calibration images span many identities
@@ -179,6 +185,7 @@ def compress(
     if recipe.finetune is not None:
         from efquant_fx.finetune import finetune  # the fine-tune stage
 
+        result.ptq_fidelity = dict(result.fidelity)
         finetune(result, out_dir=Path(finetune_dir) if finetune_dir else None, resume=resume)
         result.fidelity = embedding_cosine(teacher, result.model, held_out)
     return result

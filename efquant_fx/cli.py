@@ -197,3 +197,26 @@ def _with_data(spec, data: Path):
 
 def run() -> None:  # pragma: no cover - console script entry
     sys.exit(app())
+
+
+@app.command("quickstart")
+@guarded
+def quickstart_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the two runs go")] = Path("runs/quickstart"),
+    data: Annotated[Path | None, typer.Option("--data", envvar="EFQUANT_DATA",
+                                              help="folder of aligned faces with finetune.txt and dev_pairs.bin")] = None,
+) -> None:
+    """The main job on the embedded SFace teacher: W8A8 and W4A4, fine-tuned, compared to the teacher."""
+    from efquant_fx.quickstart import run_quickstart
+
+    rows = run_quickstart(out, data, progress=console.is_terminal)
+    table = Table(title="quickstart: SFace teacher vs compressed" + (" (held-out synthesized images)" if data is None
+                                                                      else f" ({data})"))
+    keys = sorted({k for r in rows.values() for k in r})
+    table.add_column("metric")
+    for variant in rows:
+        table.add_column(variant.upper(), justify="right")
+    for k in keys:
+        table.add_row(k, *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in (r.get(k) for r in rows.values())])
+    console.print(table)
+    console.print(f"written: {out}/summary.json and one run directory per variant", markup=False)

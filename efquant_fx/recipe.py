@@ -44,11 +44,12 @@ class DataSpec(_Strict):
     min_images_per_identity: int = Field(default=1, ge=1)
     n: int | None = Field(default=None, ge=1, description="number of images for synthetic/random data")
     cache: str | None = Field(default=None, description="cache folder for synthesized images")
+    steps: int | None = Field(default=None, ge=1, description="optimisation steps per batch for synthetic images")
     seed: int | None = None
 
     def dataset_fields(self) -> dict[str, Any]:
         """The keys :func:`efquant_fx.data.build_dataset` takes (it calls ``verify`` ``validate``)."""
-        fields = self.model_dump(exclude_none=True, exclude={"n", "cache"})
+        fields = self.model_dump(exclude_none=True, exclude={"n", "cache", "steps"})
         if "verify" in fields:
             fields["validate"] = fields.pop("verify")
         return fields

@@ -41,6 +41,7 @@ class CompressionResult:
     size_bytes_after: int = 0
     calibration: list[dict[str, Any]] = field(default_factory=list)
     fidelity: dict[str, float] = field(default_factory=dict)
+    ptq_fidelity: dict[str, float] = field(default_factory=dict)  # before fine-tuning, when there was one
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -58,6 +59,7 @@ class CompressionResult:
             "size_bytes_after": self.size_bytes_after,
             "size_ratio": self.size_ratio,
             "fidelity": self.fidelity,
+            "ptq_fidelity": self.ptq_fidelity,
             "timings_s": self.timings,
             "notes": self.notes,
             "layers": self.layers,

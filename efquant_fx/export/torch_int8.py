@@ -1,0 +1,190 @@
+"""Native PyTorch int8 on CPU (x86: fbgemm/oneDNN, ARM: qnnpack) through torch.ao FX.
+
+``torch.ao.quantization`` is deprecated (still shipped in torch 2.13; PT2E was removed from torch
+and torchao is not installed here), so this module and :mod:`efquant_fx.graph.observers` are the
+only places that touch it, with its DeprecationWarning filtered.
+
+What gets lowered is the *compressed* graph, not the teacher: every Brevitas layer becomes a float
+layer holding its already-quantized weights (so GPTQ, bias correction and fine-tuning carry over
+and torch.ao's symmetric per-channel [-127, 127] observer lands on the same integer grid), the
+activation points are removed and torch.ao re-observes activations on the calibration batches.
+PReLU stays a float op between dequantize/quantize: torch 2.13's ``quantized::prelu`` kernel
+returns wrong values for per-channel slopes (cosine 0.04 on arcface_r18; a 2-layer conv+PReLU
+net already drops to 0.87), so it is kept out of the lowering on purpose.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from efquant_fx.errors import EfquantError
+from efquant_fx.export.files import atomic_path
+from efquant_fx.export.parity import cosine
+from efquant_fx.export.reports import TorchInt8Report
+from efquant_fx.graph.modules import ActQuant, QuantPReLU
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+
+class FloatPReLU(nn.Module):
+    """PReLU that torch.ao leaves in float (a non-traceable leaf it has no pattern for)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x, self.weight)
+
+
+def pick_engine() -> str:
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "qnnpack"):
+        if engine in engines:
+            return engine
+    raise EfquantError(f"this PyTorch build has no int8 CPU engine (supported: {engines})", field="export.formats")
+
+
+def int8_blockers(model: nn.Module) -> list[str]:
+    """Why the model cannot be lowered to 8-bit kernels as it is (empty list: it can)."""
+    from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+
+    reasons = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantWeightBiasInputOutputLayer):
+            bits = int(m.quant_weight().bit_width)
+            if bits != 8:
+                reasons.append(f"{name} has {bits}-bit weights")
+        elif isinstance(m, ActQuant) and m.bits != 8:
+            reasons.append(f"{name} quantizes activations to {m.bits} bits")
+    return reasons
+
+
+@torch.no_grad()
+def float_view(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
+    """The compressed graph in plain float modules carrying the quantized weights.
+
+    Returns the graph and the names of compute layers that were float in the compressed model
+    (excluded by the recipe); those stay float in the int8 model too.
+    """
+    from brevitas.nn import QuantConv2d, QuantLinear
+
+    from efquant_fx.graph.quantize import set_module
+
+    if not isinstance(model, fx.GraphModule):
+        raise EfquantError("torch int8 lowering needs the compressed torch.fx GraphModule", field="export")
+    gm = copy.deepcopy(model).cpu().eval()
+    kept_float = []
+    for name, m in list(gm.named_modules()):
+        if isinstance(m, QuantConv2d):
+            new = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                            m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        elif isinstance(m, QuantLinear):
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        elif isinstance(m, ActQuant):
+            set_module(gm, name, nn.Identity())
+            continue
+        elif isinstance(m, QuantPReLU | nn.PReLU):
+            slopes = m.quantized_slopes() if isinstance(m, QuantPReLU) else m.weight
+            set_module(gm, name, FloatPReLU(slopes))
+            continue
+        else:
+            if type(m) in (nn.Conv2d, nn.Linear):
+                kept_float.append(name)
+            continue
+        new.weight.copy_(m.quant_weight().value)
+        if m.bias is not None:
+            new.bias.copy_(m.bias)
+        set_module(gm, name, new)
+    gm.recompile()
+    return gm, kept_float
+
+
+def lower(model: nn.Module, batches: Sequence[torch.Tensor], *, engine: str | None = None,
+          reduce_range: bool = False) -> fx.GraphModule:
+    """prepare_fx -> observe ``batches`` -> convert_fx; returns the int8 GraphModule.
+
+    ``reduce_range=False`` uses all 8 activation bits; set it on CPUs without VNNI, where fbgemm's
+    u8*s8 accumulation can saturate.
+    """
+    engine = engine or pick_engine()
+    if not batches:
+        raise EfquantError("torch int8 lowering needs calibration batches", field="export.calibration")
+    torch.backends.quantized.engine = engine
+    gm, kept_float = float_view(model)
+    weight = PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                                quant_min=-127, quant_max=127)
+    act = HistogramObserver.with_args(dtype=torch.quint8, reduce_range=reduce_range)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapping = get_default_qconfig_mapping(engine).set_global(QConfig(activation=act, weight=weight))
+        for name in kept_float:
+            mapping.set_module_name(name, None)
+        custom = PrepareCustomConfig().set_non_traceable_module_classes([FloatPReLU])
+        prepared = prepare_fx(gm, mapping, (batches[0][:1].cpu(),), prepare_custom_config=custom)
+        with torch.no_grad():
+            for x in batches:
+                prepared(x.cpu())
+        return convert_fx(prepared)
+
+
+def module_census(model: nn.Module) -> tuple[int, dict[str, int]]:
+    """(number of quantized modules, float compute/activation modules by type) of a lowered model."""
+    quantized = sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    floats = Counter(type(m).__name__ for m in model.modules()
+                     if isinstance(m, nn.Conv2d | nn.Linear | FloatPReLU | nn.BatchNorm2d | nn.BatchNorm1d)
+                     and not type(m).__module__.startswith("torch.ao"))
+    return quantized, dict(floats)
+
+
+def export_torch_int8(model: nn.Module, path: str | Path, *, calibration: Sequence[torch.Tensor],
+                      inputs: torch.Tensor | None = None, teacher: nn.Module | None = None,
+                      engine: str | None = None) -> TorchInt8Report:
+    """Lower the compressed graph to torch int8 kernels and save it as frozen TorchScript at ``path``.
+
+    Load it with ``torch.jit.load(path)`` (set ``torch.backends.quantized.engine`` to the report's
+    engine first). Raises EfquantError when weights or activations are not 8-bit.
+    """
+    blockers = int8_blockers(model)
+    if blockers:
+        raise EfquantError(f"torch int8 kernels need 8-bit weights and activations: {'; '.join(blockers[:3])}"
+                           f"{' ...' if len(blockers) > 3 else ''} (use the onnx_qcdq or packed format)",
+                           field="export.formats")
+    path = Path(path)
+    t0 = time.perf_counter()
+    engine = engine or pick_engine()
+    q = lower(model, calibration, engine=engine)
+    x = (inputs if inputs is not None else calibration[0]).detach().float().cpu()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.freeze(torch.jit.trace(q, x[:1]).eval())
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp))
+        y = scripted(x)
+        fake = copy.deepcopy(model).cpu().eval()(x)
+        ref = copy.deepcopy(teacher).cpu().eval()(x) if teacher is not None else float_view(model)[0](x)
+    quantized, floats = module_census(q)
+    notes = ["PReLU runs in float between dequantize/quantize (torch 2.13 quantized::prelu is wrong for "
+             "per-channel slopes)"]
+    if floats.get("Conv2d") or floats.get("Linear"):
+        notes.append("some Conv2d/Linear stay float (excluded from quantization by the recipe)")
+    return TorchInt8Report(
+        path=str(path), bytes=path.stat().st_size, engine=engine, images=int(x.shape[0]),
+        cosine_vs_float=float(cosine(y, ref).mean()), cosine_vs_compressed=float(cosine(y, fake).mean()),
+        quantized_modules=quantized, float_modules=floats, seconds=time.perf_counter() - t0, notes=notes,
+    )
