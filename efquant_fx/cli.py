@@ -139,7 +139,7 @@ def inspect_cmd(
 @guarded
 def apply_cmd(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or model file (overrides recipe)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or model file")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="insightface backbone.pth")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="aligned faces: a folder or a list file",
                                               envvar="EFQUANT_DATA")] = None,
@@ -204,7 +204,7 @@ def run() -> None:  # pragma: no cover - console script entry
 def quickstart_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the two runs go")] = Path("runs/quickstart"),
     data: Annotated[Path | None, typer.Option("--data", envvar="EFQUANT_DATA",
-                                              help="folder of aligned faces with finetune.txt and dev_pairs.bin")] = None,
+                                              help="aligned faces with finetune.txt + dev_pairs.bin")] = None,
 ) -> None:
     """The main job on the embedded SFace teacher: W8A8 and W4A4, fine-tuned, compared to the teacher."""
     from efquant_fx.quickstart import run_quickstart

@@ -43,7 +43,10 @@ def data_overrides(data: Path) -> list[str]:
                  "finetune.images_per_identity=4"]
     if pairs:
         p = data / pairs[0]
-        spec = f"{{name: lfw_bin, path: '{p}'}}" if p.suffix == ".bin" else f"{{name: pairs, pairs: '{p}', root: '{data}'}}"
+        if p.suffix == ".bin":
+            spec = f"{{name: lfw_bin, path: '{p}'}}"
+        else:
+            spec = f"{{name: pairs, pairs: '{p}', root: '{data}'}}"
         overrides.append(f"eval=[{spec}]")
     return overrides
 

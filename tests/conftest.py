@@ -1,4 +1,8 @@
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads starve a shared 2-core machine
+
+
 import warnings
 from pathlib import Path
 

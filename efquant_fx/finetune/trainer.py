@@ -611,6 +611,10 @@ def finetune(
                     if stop_reason is not None or step >= cfg.steps:
                         break
 
+        if _observing(student):  # calibrate_steps >= steps, or stopped while observing: usable model anyway
+            _sync_and_freeze(student, info)
+            result.notes.append(f"fine-tune ended at step {step} while observing activation ranges "
+                                f"(calibrate_steps={cfg.calibrate_steps}); ranges frozen from what was seen")
         if stop_reason is None and cfg.eval_every and step % cfg.eval_every != 0:
             evaluate(step)
         if stop_reason is not None:
