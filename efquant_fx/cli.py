@@ -171,7 +171,8 @@ def apply_cmd(
     if report.metrics:
         from efquant_fx.eval import compare_table
 
-        console.print(compare_table(report.metrics["teacher"], report.metrics["student"], names=["compressed"]))
+        metrics = report.metrics
+        console.print(compare_table(metrics["teacher"], metrics["student"], names=["teacher", "compressed"]))
     for name, info in report.exports.items():
         console.print(f"exported {name}: {info}", markup=False)
     for note in result.notes:
