@@ -11,10 +11,13 @@ and optionally SFace (ONNX, ``--models mobilefacenet,sface``). Data (``$EFQUANT_
   (insightface protocol, flip-sum) and with ``--eval dense`` also all-vs-all TAR@FAR on dev images,
   both through :mod:`efquant_fx.eval`.
 
-Configurations (per teacher): ``ptq_w8a8``, ``ptq_w4a4`` (first conv and last linear kept at 8 bit),
-``ft_w4a4`` (PTQ + KD+EKD fine-tune on real faces), ``df_ptq_w4a4`` / ``df_ft_w4a4`` (data-free:
-calibration and fine-tune on images synthesized from the teacher's BN statistics), and in full mode
-also ``ft_w8a8``.
+Configurations (per teacher; activation observer ``percentile``, BatchNorm kept unfolded as in
+QuantFace, first conv and last linear at 8 bit below 8 bits): ``ptq_w8a8``, ``ptq_w6a6``, ``ptq_w4a4``;
+``ft_w6a6`` / ``ft_w4a4`` (PTQ + KD+EKD fine-tune on real faces: AdamW, cosine LR, BN statistics
+kept at the teacher's); ``df_ptq_w6a6``, ``df_ft_w6a6``, ``df_ft_w4a4`` (data-free: calibration and
+fine-tune on images synthesized from the teacher's BN statistics); full mode adds ``ft_w8a8`` and
+``df_ptq_w4a4``. W6A6 is QuantFace's low-bit setting; on MobileFaceNet 4-bit activations collapse the
+embedding after PTQ (cosine ~0), which a short fine-tune does not undo.
 
     python benchmarks/finetune.py --quick          # < 15 min on 2 CPU cores
     python benchmarks/finetune.py                  # full: more steps, pair accuracy
@@ -99,26 +102,86 @@ def dev_images(shared: Path, n: int, seed: int = 0):
     from efquant_fx.eval.pairs import lfw_identities
 
     root = shared / "data" / "lfw112"
-    files = sorted(p for ident in lfw_identities(root / "dev_pairs.txt") for p in (root / "images" / ident).glob("*.jpg"))
+    identities = lfw_identities(root / "dev_pairs.txt")
+    files = sorted(p for ident in identities for p in (root / "images" / ident).glob("*.jpg"))
     random.Random(seed).shuffle(files)
     tf = FaceTransform(train=False)
     return torch.stack([tf(decode_image(p)) for p in files[:n]])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def pick_threads(teacher, requested: str) -> int:
+    """``auto``: time the teacher on 1 and 2 threads and keep the faster (on a shared machine two
+    OpenMP threads can be several times slower than one); otherwise the given number."""
     import torch
 
+    if requested != "auto":
+        torch.set_num_threads(int(requested))
+        return int(requested)
+    x = torch.rand(8, 3, 112, 112) * 2 - 1
+    best, best_t = 1, float("inf")
+    for n in (1, 2) if (os.cpu_count() or 1) >= 2 else (1,):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            teacher(x)
+            t0 = time.perf_counter()
+            teacher(x)
+            teacher(x)
+        if (dt := time.perf_counter() - t0) < best_t:
+            best, best_t = n, dt
+    torch.set_num_threads(best)
+    return best
+
+
+def configs_for(args: argparse.Namespace, rule: str, data: dict[str, Any], ft_data: dict[str, Any],
+                synth: dict[str, Any], model_name: str) -> dict[str, dict[str, Any]]:
+    """The recipes compared: PTQ at 8/6/4 bits, fine-tuned (KD+EKD) and data-free variants."""
+    edge8 = [{"match": rule, "weight_bits": 8, "act_bits": 8}]
+    quant = {"observer": "percentile", "batchnorm": "keep"}
+    w8 = {**quant, "weight_bits": 8, "act_bits": 8}
+    w6 = {**quant, "weight_bits": 6, "act_bits": 6, "layers": edge8}
+    w4 = {**quant, "weight_bits": 4, "act_bits": 4, "layers": edge8}
+    ekd = {"weight": args.ekd_weight}
+    if args.ekd_momentum is not None:
+        ekd["options"] = {"momentum": args.ekd_momentum}
+    finetune = {"steps": args.steps, "identities_per_batch": args.identities, "images_per_identity": 2,
+                "optimizer": "adamw", "lr": args.lr, "weight_decay": 0.0, "schedule": "cosine",
+                "warmup_steps": max(1, args.steps // 20), "clip_grad_norm": 5.0, "batchnorm": "teacher",
+                "calibrate_steps": 0, "losses": {"kd_cosine": {"weight": 1.0}, "ekd": ekd},
+                "checkpoint_every": 10**6}
+
+    def recipe(q: dict[str, Any], calib_data: dict[str, Any], ft_data_: dict[str, Any] | None = None):
+        spec: dict[str, Any] = {"name": model_name, "device": "cpu", "seed": 0, "quant": q,
+                                "calibration": {"images": args.calib_images, "batch_size": 32, "data": calib_data}}
+        if ft_data_ is not None:
+            spec["finetune"] = {**finetune, "data": ft_data_}
+        return spec
+
+    configs = {
+        "ptq_w8a8": recipe(w8, data),
+        "ptq_w6a6": recipe(w6, data),
+        "ptq_w4a4": recipe(w4, data),
+        "ft_w6a6": recipe(w6, data, ft_data),
+        "ft_w4a4": recipe(w4, data, ft_data),
+        "df_ptq_w6a6": recipe(w6, synth),
+        "df_ft_w6a6": recipe(w6, synth, synth),
+        "df_ft_w4a4": recipe(w4, synth, synth),
+    }
+    if not args.quick:
+        configs["ft_w8a8"] = recipe(w8, data, ft_data)
+        configs["df_ptq_w4a4"] = recipe(w4, synth)
+    return {k: v for k, v in configs.items() if not args.only or k in args.only}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     from efquant_fx import compress
     from efquant_fx.finetune import fidelity_evaluator
 
-    torch.set_num_threads(args.threads)
     shared = args.shared
     root = shared / "data" / "lfw112"
-    list_data = {"kind": "list", "list": str(root / "finetune.txt"), "root": str(root)}
-    ft_data = {**list_data, "min_images_per_identity": 2, "verify": "header"}
+    data = {"kind": "list", "list": str(root / "finetune.txt"), "root": str(root), "verify": "header"}
+    ft_data = {**data, "min_images_per_identity": 2}
     synth = {"kind": "synthetic", "n": args.synthetic_n, "cache": str(args.cache / "synthetic"),
              "steps": args.synthetic_steps}
-    steps = args.steps
     evaluators = []
     if "pairs" in args.eval:
         from efquant_fx.eval.verification import BinVerification
@@ -133,36 +196,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for model_name in args.models:
         t_model = time.perf_counter()
         teacher = load_teacher(model_name, shared)
+        report["threads"] = pick_threads(teacher, args.threads)
         held = dev_images(shared, args.held_out)
         fidelity = fidelity_evaluator(teacher, held)
         rule = edge_layers_rule(teacher)
-        w4 = {"weight_bits": 4, "act_bits": 4, "layers": [{"match": rule, "weight_bits": 8, "act_bits": 8}]}
-        w8 = {"weight_bits": 8, "act_bits": 8}
-        calib = {"images": args.calib_images, "batch_size": 32}
-        finetune = {"steps": steps, "identities_per_batch": 16, "images_per_identity": 2, "lr": args.lr,
-                    "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "warmup_steps": min(20, steps // 10),
-                    "clip_grad_norm": 5.0, "batchnorm": "teacher", "calibrate_steps": 0,
-                    "losses": {"kd_cosine": {"weight": 1.0}, "ekd": {"weight": args.ekd_weight,
-                                                                     "options": {"momentum": args.ekd_momentum}}},
-                    "checkpoint_every": 10**6}
-
-        def recipe(quant, data, ft=None):
-            spec = {"name": model_name, "device": "cpu", "seed": 0, "quant": {**quant, "batchnorm": args.batchnorm},
-                    "calibration": {**calib, "data": data}}
-            if ft is not None:
-                spec["finetune"] = ft
-            return spec
-
-        configs = {
-            "ptq_w8a8": recipe(w8, list_data),
-            "ptq_w4a4": recipe(w4, list_data),
-            "ft_w4a4": recipe(w4, list_data, {**finetune, "data": ft_data}),
-            "df_ptq_w4a4": recipe(w4, synth),
-            "df_ft_w4a4": recipe(w4, synth, {**finetune, "data": synth}),
-        }
-        if not args.quick:
-            configs["ft_w8a8"] = recipe(w8, list_data, {**finetune, "data": ft_data})
-        configs = {k: v for k, v in configs.items() if not args.only or k in args.only}
+        configs = configs_for(args, rule, data, ft_data, synth, model_name)
         results: dict[str, Any] = {}
         if evaluators:
             results["float"] = {"metrics": evaluate(evaluators, teacher, args)}
@@ -170,13 +208,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             result = compress(teacher, spec)
             wall = time.perf_counter() - t0
-            row: dict[str, Any] = {"wall_s": round(wall, 1), "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
-                                   **{f"held_out_{k}": v for k, v in fidelity(result.model).items()}}
+            row: dict[str, Any] = {"wall_s": round(wall, 1),
+                                   "timings_s": {k: round(v, 1) for k, v in result.timings.items()}}
+            row.update({f"held_out_{k}": v for k, v in fidelity(result.model).items()})
             train = [h for h in result.history if h["kind"] == "train"]
             if train:
-                row["steps"] = len(train)
-                row["images_per_s"] = round(sum(h["images_per_s"] for h in train) / len(train), 1)
-                row["first_loss"], row["last_loss"] = train[0]["loss"], sum(h["loss"] for h in train[-10:]) / len(train[-10:])
+                tail = train[-10:]
+                row.update(steps=len(train), first_loss=train[0]["loss"],
+                           last_loss=sum(h["loss"] for h in tail) / len(tail),
+                           images_per_s=round(sum(h["images_per_s"] for h in train) / len(train), 1))
             if evaluators:
                 row["metrics"] = evaluate(evaluators, result.model, args)
             row["notes"] = result.notes
@@ -184,8 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {model_name} {name}: held-out cosine {row['held_out_cosine_mean']:.4f} "
                   f"(min {row['held_out_cosine_min']:.4f}) in {wall:.0f}s", flush=True)
         report["results"][model_name] = results
-        report["settings"][model_name] = {"w4a4_8bit_layers": rule, "finetune": finetune, "calibration": calib,
-                                          "synthetic": synth, "finetune_data": ft_data, "held_out_images": len(held)}
+        report["settings"][model_name] = {"recipes": configs, "edge_layers_at_8_bit": rule,
+                                          "held_out_images": len(held)}
         report["wall_s"][model_name] = round(time.perf_counter() - t_model, 1)
     return report
 
@@ -220,28 +260,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="mobilefacenet", type=lambda s: s.split(","),
                     help="comma list: mobilefacenet, sface")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None, help="comma list of configs to run")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tune steps (quick 100, full 600)")
-    ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--steps", type=int, default=None, help="fine-tune steps (quick 60, full 600)")
+    ap.add_argument("--identities", type=int, default=None, help="identities per batch, 2 images each (8 / 16)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     ap.add_argument("--ekd-weight", type=float, default=1.0)
-    ap.add_argument("--ekd-momentum", type=float, default=0.1,
-                    help="EKD threshold EMA momentum (TFace: 0.01, too slow for a few hundred steps)")
-    ap.add_argument("--batchnorm", default="fold", choices=["fold", "keep"], help="quant.batchnorm")
+    ap.add_argument("--ekd-momentum", type=float, default=None, help="EKD threshold EMA momentum (default 0.01)")
     ap.add_argument("--calib-images", type=int, default=None, help="calibration images (quick 128, full 256)")
     ap.add_argument("--held-out", type=int, default=None, help="dev images for the cosine (quick 256, full 512)")
-    ap.add_argument("--synthetic-n", type=int, default=None, help="synthetic images (quick 256, full 512)")
+    ap.add_argument("--synthetic-n", type=int, default=None, help="synthetic images (quick 128, full 512)")
     ap.add_argument("--synthetic-steps", type=int, default=None, help="BN-inversion steps per batch (default 10)")
     ap.add_argument("--eval", default=None, type=lambda s: [x for x in s.split(",") if x and x != "none"],
                     help="comma list of pairs, dense (default: none in quick mode, pairs in full mode)")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", default="auto", help="torch threads, or auto (time 1 vs 2 on the teacher)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "efquant_bench",
                     help="synthetic images and evaluation features are cached here")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     quick = args.quick
-    args.steps = args.steps or (100 if quick else 600)
+    args.steps = args.steps or (60 if quick else 600)
+    args.identities = args.identities or (8 if quick else 16)
     args.calib_images = args.calib_images or (128 if quick else 256)
     args.held_out = args.held_out or (256 if quick else 512)
-    args.synthetic_n = args.synthetic_n or (256 if quick else 512)
+    args.synthetic_n = args.synthetic_n or (128 if quick else 512)
     args.synthetic_steps = args.synthetic_steps or 10
     args.eval = args.eval if args.eval is not None else ([] if quick else ["pairs"])
 

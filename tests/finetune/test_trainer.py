@@ -105,6 +105,12 @@ def test_calibrate_steps_observe_then_freeze_new_ranges(ptq):
     assert {n: m.range for n, m in kept.model.named_modules() if isinstance(m, ActQuant)} == before
 
 
+def test_calibrate_steps_beyond_the_run_still_freeze(ptq):
+    result = run(ptq, ft(steps=2, calibrate_steps=5, lr=1e-4))
+    assert all(m.mode == "quant" for m in result.model.modules() if isinstance(m, ActQuant))
+    assert any("while observing" in n for n in result.notes)
+
+
 @pytest.mark.parametrize("policy", ["teacher", "reestimate"])
 def test_batchnorm_policy(policy):
     keep = compress(TinyFaceNet(), {**BASE, "quant": {**BASE["quant"], "batchnorm": "keep"}})
