@@ -40,6 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "finetune.json"
+SYNTH_STEPS = 6  # efquant_fx.data.synthetic.DEFAULTS["steps"], kept here so --help does not import torch
 
 
 def default_shared() -> Path:
@@ -268,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-images", type=int, default=None, help="calibration images (quick 128, full 256)")
     ap.add_argument("--held-out", type=int, default=None, help="dev images for the cosine (quick 256, full 512)")
     ap.add_argument("--synthetic-n", type=int, default=None, help="synthetic images (quick 128, full 512)")
-    ap.add_argument("--synthetic-steps", type=int, default=None, help="BN-inversion steps per batch (default 10)")
+    ap.add_argument("--synthetic-steps", type=int, default=None,
+                    help=f"BN-inversion steps per batch (default {SYNTH_STEPS})")
     ap.add_argument("--eval", default=None, type=lambda s: [x for x in s.split(",") if x and x != "none"],
                     help="comma list of pairs, dense (default: none in quick mode, pairs in full mode)")
     ap.add_argument("--threads", default="auto", help="torch threads, or auto (time 1 vs 2 on the teacher)")
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args.calib_images = args.calib_images or (128 if quick else 256)
     args.held_out = args.held_out or (256 if quick else 512)
     args.synthetic_n = args.synthetic_n or (128 if quick else 512)
-    args.synthetic_steps = args.synthetic_steps or 10
+    args.synthetic_steps = args.synthetic_steps or SYNTH_STEPS
     args.eval = args.eval if args.eval is not None else ([] if quick else ["pairs"])
 
     from efquant_fx.errors import EfquantError
