@@ -4,7 +4,7 @@ Teachers: insightface MobileFaceNet y1 (MXNet, ``$EFQUANT_SHARED/models/insightf
 and optionally SFace (ONNX, ``--models mobilefacenet,sface``). Data (``$EFQUANT_SHARED/data/lfw112``):
 
 * calibration and fine-tuning: ``finetune.txt`` (6,181 images of 3,175 identities; fine-tuning uses
-  the 705 identities with >= 2 images, P=16 identities x K=2 images per batch);
+  the 705 identities with >= 2 images, P=8 (quick) or 16 identities x K=2 images per batch);
 * held-out fidelity: teacher-student embedding cosine on a fixed sample of dev images (identities of
   ``dev_pairs.txt``, disjoint from ``finetune.txt``);
 * with ``--eval pairs`` (default in full mode): 3-fold pair accuracy on ``dev_pairs.bin``
@@ -13,13 +13,14 @@ and optionally SFace (ONNX, ``--models mobilefacenet,sface``). Data (``$EFQUANT_
 
 Configurations (per teacher; activation observer ``percentile``, BatchNorm kept unfolded as in
 QuantFace, first conv and last linear at 8 bit below 8 bits): ``ptq_w8a8``, ``ptq_w6a6``, ``ptq_w4a4``;
-``ft_w6a6`` / ``ft_w4a4`` (PTQ + KD+EKD fine-tune on real faces: AdamW, cosine LR, BN statistics
-kept at the teacher's); ``df_ptq_w6a6``, ``df_ft_w6a6``, ``df_ft_w4a4`` (data-free: calibration and
+``ft_w6a6`` / ``ft_w4a4`` (PTQ + KD+EKD fine-tune on real faces: ``kd_cosine`` (QuantFace's MSE
+on normalised embeddings times d/2) + ``ekd``, AdamW, cosine LR, BN statistics kept at the teacher's);
+``df_ptq_w6a6``, ``df_ft_w6a6``, ``df_ft_w4a4`` (data-free: calibration and
 fine-tune on images synthesized from the teacher's BN statistics); full mode adds ``ft_w8a8`` and
 ``df_ptq_w4a4``. W6A6 is QuantFace's low-bit setting; on MobileFaceNet 4-bit activations collapse the
 embedding after PTQ (cosine ~0), which a short fine-tune does not undo.
 
-    python benchmarks/finetune.py --quick          # < 15 min on 2 CPU cores
+    python benchmarks/finetune.py --quick          # ~10 min on 2 shared CPU cores (measured)
     python benchmarks/finetune.py                  # full: more steps, pair accuracy
 
 Prints a table; writes ``benchmarks/results/finetune.json`` (numbers, settings, machine, command line).
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve a shared machine
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "finetune.json"
 SYNTH_STEPS = 6  # efquant_fx.data.synthetic.DEFAULTS["steps"], kept here so --help does not import torch
