@@ -4,6 +4,7 @@ from efquant_fx.api import compress
 from efquant_fx.errors import EfquantError, RecipeError
 from efquant_fx.models import create_model, list_models, load_model
 from efquant_fx.recipe import Recipe, load_recipe
+from efquant_fx.reload import load_result
 from efquant_fx.result import CompressionResult
 
 __version__ = "0.1.0"
@@ -18,5 +19,6 @@ __all__ = [
     "list_models",
     "load_model",
     "load_recipe",
+    "load_result",
     "__version__",
 ]

@@ -79,6 +79,55 @@ def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
     return _batches_from(loader, batch_size, images)
 
 
+def rewrite_graph(
+    gm: torch.fx.GraphModule,
+    recipe: Recipe,
+    *,
+    example: torch.Tensor | None = None,
+    fit_batches: Sequence[torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    timings: dict[str, float] | None = None,
+) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """The steps of :func:`compress` that shape the graph: pruning, BN folding, equalization and
+    quantizer insertion, in that order. Returns the rewritten graph and the per-layer plans.
+
+    One function for :func:`compress` and the reloaders (:func:`efquant_fx.load_result`,
+    :func:`efquant_fx.export.load_packed`), so a saved state dict always meets the graph it came
+    from. ``example`` (``[2,3,112,112]`` zeros by default) only lets channel pruning trace the
+    model: its kept widths follow from the architecture and ratio, not from the data. Without
+    ``fit_batches`` activation equalization is skipped: it only rescales weights, which the
+    reloaded state dict carries.
+    """
+    timings = timings if timings is not None else {}
+    plans: dict[str, Any] = {}
+    if recipe.prune is not None and recipe.prune.kind != "none":
+        t0 = time.perf_counter()
+        from efquant_fx.graph import prune
+
+        if recipe.prune.kind == "unstructured":
+            prune.prune_unstructured(gm, recipe.prune.sparsity, exclude=recipe.prune.exclude)
+        else:
+            if example is None:
+                example = torch.zeros(2, 3, 112, 112, device=device)
+            prune.prune_channels(gm, recipe.prune.sparsity, example, exclude=recipe.prune.exclude)
+            gm = trace(gm) if not isinstance(gm, torch.fx.GraphModule) else gm
+        timings["prune"] = time.perf_counter() - t0
+
+    q = recipe.quant
+    if q is not None and q.enabled:
+        t0 = time.perf_counter()
+        if q.batchnorm == "fold":
+            gm = ptq.fold_batchnorm(gm)
+        if recipe.ptq.cross_layer_equalization:
+            gm = ptq.cross_layer_equalization(gm, recipe.ptq.cross_layer_equalization)
+        if recipe.ptq.act_equalization and fit_batches is not None:
+            gm = ptq.activation_equalization(gm, recipe.ptq.act_equalization, fit_batches, device)
+        plans = quantize_graph(gm, q)
+        gm.to(device)
+        timings["rewrite"] = time.perf_counter() - t0
+    return gm, plans
+
+
 def compress(
     model: nn.Module | str | Path,
     recipe: Recipe | dict[str, Any] | str | Path,
@@ -128,31 +177,11 @@ def compress(
     fit_batches = batches[:-1] if len(batches) > 1 else batches
     timings["calibration_data"] = time.perf_counter() - t0
 
-    plans: dict[str, Any] = {}
     calibration_stats: list[dict[str, Any]] = []
-    if recipe.prune is not None and recipe.prune.kind != "none":
-        t0 = time.perf_counter()
-        from efquant_fx.graph import prune
-
-        if recipe.prune.kind == "unstructured":
-            prune.prune_unstructured(gm, recipe.prune.sparsity, exclude=recipe.prune.exclude)
-        else:
-            prune.prune_channels(gm, recipe.prune.sparsity, held_out[:2], exclude=recipe.prune.exclude)
-            gm = trace(gm) if not isinstance(gm, torch.fx.GraphModule) else gm
-        timings["prune"] = time.perf_counter() - t0
-
+    gm, plans = rewrite_graph(gm, recipe, example=held_out[:2], fit_batches=fit_batches, device=device,
+                              timings=timings)
     q = recipe.quant
     if q is not None and q.enabled:
-        t0 = time.perf_counter()
-        if q.batchnorm == "fold":
-            gm = ptq.fold_batchnorm(gm)
-        if recipe.ptq.cross_layer_equalization:
-            gm = ptq.cross_layer_equalization(gm, recipe.ptq.cross_layer_equalization)
-        if recipe.ptq.act_equalization:
-            gm = ptq.activation_equalization(gm, recipe.ptq.act_equalization, fit_batches, device)
-        plans = quantize_graph(gm, q)
-        gm.to(device)
-        timings["rewrite"] = time.perf_counter() - t0
         if q.batchnorm == "reestimate":  # BN statistics under quantized weights, before ranges are taken
             t0 = time.perf_counter()
             with calib.points_disabled(gm):

@@ -173,11 +173,195 @@ def apply_cmd(
 
         metrics = report.metrics
         console.print(compare_table(metrics["teacher"], metrics["student"], names=["teacher", "compressed"]))
-    for name, info in report.exports.items():
-        console.print(f"exported {name}: {info}", markup=False)
+    if report.exports:
+        console.print(_export_table(report.exports, title=f"exported to {out / 'export'}"))
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     console.print(f"run directory: {out}", markup=False)
+
+
+EVAL_SPEC_HELP = ("evaluator, repeatable: NAME:key=value,key=value (values read like --set: numbers, true/false), "
+                  "e.g. lfw_bin:path=/data/lfw.bin, or an inline mapping '{name: pairs, pairs: p.txt, root: faces}'; "
+                  "default: the recipe's eval: section")
+
+
+def parse_eval_spec(text: str) -> dict[str, Any]:
+    """``NAME:key=value,...`` or an inline YAML/JSON mapping -> one recipe ``eval:`` entry."""
+    import yaml
+
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            entry = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise EfquantError(f"{text!r}: malformed inline mapping ({problem})", field="--eval") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise EfquantError(f"{text!r}: an inline mapping needs a name, e.g. {{name: lfw_bin, path: lfw.bin}}",
+                               field="--eval")
+        return entry
+    name, _, rest = text.partition(":")
+    if not name.strip() or any(c in name for c in " =,{}"):
+        raise EfquantError(f"{text!r}: expected NAME:key=value,... or an inline {{name: ..., ...}} mapping",
+                           field="--eval")
+    entry: dict[str, Any] = {"name": name.strip()}
+    for item in rest.split(",") if rest.strip() else []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise EfquantError(f"{text!r}: {item!r} is not key=value", field="--eval")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        entry[key.strip()] = value
+    return entry
+
+
+def _looks_like_path(target: str) -> bool:
+    return "/" in target or os.sep in target or target.startswith(".")
+
+
+@app.command("eval")
+@guarded
+def eval_cmd(
+    target: Annotated[str, typer.Argument(help="run directory (from apply), or a zoo name / .onnx / "
+                                               "-symbol.json model to evaluate alone")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="take the eval: section (and, for a "
+                                                "plain model, model settings and device) from this recipe")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="float weights: the teacher's for a run "
+                                                 "directory, the model's otherwise")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="run directory only: the teacher "
+                                              "architecture, when the recipe names none")] = None,
+    evals: Annotated[list[str], typer.Option("--eval", "-e", help=EVAL_SPEC_HELP)] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="where metrics.json and roc.png go "
+                                             "(default: RUN_DIR/eval, or runs/eval/MODEL)")] = None,
+) -> None:
+    """Evaluate a run's compressed model next to its teacher (or a plain model alone); write metrics.json."""
+    from efquant_fx.eval import build_evaluators, compare_table
+    from efquant_fx.pipeline import check_writable, evaluate_models
+    from efquant_fx.recipe import load_recipe
+    from efquant_fx.reload import RECIPE_FILE, load_result
+
+    entries = [parse_eval_spec(e) for e in evals] or None
+    given = load_recipe(recipe) if recipe else None
+    if entries is None and given is not None and given.eval:
+        entries = given.eval
+    path = Path(target)
+    run_dir = path.is_dir()
+    if run_dir:
+        if not (path / RECIPE_FILE).is_file():
+            raise EfquantError(f"not a run directory (no {RECIPE_FILE}); evaluate a model by zoo name or file",
+                               source=target)
+        spec = load_recipe(path / RECIPE_FILE)
+        if entries is None and not spec.eval:
+            raise EfquantError("the run's recipe has no eval: section; pass --eval or --recipe", source=target)
+        out = out if out is not None else path / "eval"
+    else:
+        if model is not None:
+            raise EfquantError("only for a run directory; name the model as the argument", field="--model")
+        if _looks_like_path(target) and path.suffix.lower() not in (".onnx", ".json"):
+            raise EfquantError("no such run directory (nor an .onnx / -symbol.json model)", source=target)
+        if entries is None:
+            raise EfquantError("no evaluators: pass --eval or a --recipe with an eval: section", field="--eval")
+        spec = given if given is not None else load_recipe({})
+        out = out if out is not None else Path("runs/eval") / path.name.removesuffix("-symbol.json")
+    build_evaluators(entries if entries is not None else spec.eval, source="--eval")  # bad specs fail before any work
+    if run_dir:
+        check_writable(out)
+        result = load_result(path, model=model, weights=weights)
+        _print_reload_notes(result)
+        spec = result.recipe
+        models, names = {"teacher": result.teacher, "student": result.model}, ["teacher", "compressed"]
+    else:
+        from efquant_fx.models import load_model
+
+        models, names = {"model": load_model(target, weights, **spec.model.kwargs)}, [target]
+        check_writable(out)  # after the model resolved: a mistyped name leaves no folder behind
+    results = evaluate_models(spec, models, out, evals=entries, progress=console.is_terminal,
+                              extra={"target": target})
+    console.print(compare_table(*results.values(), names=names, title=f"{target}: " + " vs ".join(names)))
+    console.print(f"metrics: {out / 'metrics.json'}", markup=False)
+
+
+def _print_reload_notes(result: Any) -> None:
+    for note in result.notes:
+        if note.startswith("reload: "):
+            console.print(f"note: {note.removeprefix('reload: ')}", markup=False)
+
+
+def _parity(report: Any) -> str:
+    """One cell: how close an exported file is to the model it came from."""
+    if isinstance(report, dict):
+        return f"skipped: {report.get('skipped', report)}"
+    if getattr(report, "kind", None) == "float" and report.cosine:
+        return f"cosine {min(report.cosine.values()):.4f} vs teacher"
+    vs_compressed = getattr(report, "cosine_vs_compressed", None)
+    if isinstance(vs_compressed, dict):
+        vs_compressed = min(vs_compressed.values()) if vs_compressed else None
+    if vs_compressed is not None:
+        return f"cosine {vs_compressed:.4f} vs compressed"
+    diff = getattr(report, "max_abs_diff", None)
+    if diff is not None:
+        return "exact on reload" if diff == 0 else f"max |diff| {diff:.2g} on reload"
+    return "-"
+
+
+def _export_table(reports: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("format")
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    table.add_column("MiB", justify="right")
+    table.add_column("parity")
+    for fmt, rep in reports.items():
+        if fmt == "manifest":
+            continue
+        if isinstance(rep, dict):
+            table.add_row(fmt, "-", "-", "-", _parity(rep))
+        else:
+            table.add_row(fmt, Path(rep.path).name, f"{rep.bytes:,}", f"{rep.bytes / 2**20:.2f}", _parity(rep))
+    return table
+
+
+@app.command("export")
+@guarded
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="run directory written by apply (recipe.yaml + model.pt)")],
+    formats: Annotated[list[str], typer.Option("--format", "-f", help="repeatable: onnx_qcdq, onnx_float, packed, "
+                                               "torch_int8 (default: the recipe's export: section, else "
+                                               "onnx_qcdq, packed, torch_int8)")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default: RUN_DIR/export)")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, >= 13 (default: the recipe's, "
+                                              "else 13)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="the teacher architecture, when the recipe "
+                                              "names none")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="the teacher's float weights (onnx_float, "
+                                                 "torch_int8 parity)")] = None,
+) -> None:
+    """Reload a run directory and write deployable files (int8 ONNX, packed weights, torch int8)."""
+    from efquant_fx.export import FORMATS, export_model
+    from efquant_fx.export.files import output_dir
+    from efquant_fx.recipe import ExportConfig
+    from efquant_fx.reload import load_result
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise EfquantError(f"unknown format {unknown[0]!r}; known: {', '.join(FORMATS)}", field="--format")
+    if opset is not None and opset < 13:
+        raise EfquantError(f"must be >= 13 (per-channel DequantizeLinear), got {opset}", field="--opset")
+    out = out if out is not None else run_dir / "export"
+    if run_dir.is_dir():
+        output_dir(out, field="--out")
+    result = load_result(run_dir, model=model, weights=weights)
+    _print_reload_notes(result)
+    config = (result.recipe.export or ExportConfig()).model_dump()
+    if formats:
+        config["formats"] = list(dict.fromkeys(formats))
+    if opset is not None:
+        config["opset"] = opset
+    reports = export_model(result, out, **config)
+    console.print(_export_table(reports, title=f"{run_dir} -> {out}"))
+    console.print(f"manifest: {reports['manifest']}", markup=False)
 
 
 def _with_data(spec, data: Path):

@@ -39,29 +39,43 @@ def check_writable(out: Path) -> None:
                            field="--out") from None
 
 
-def evaluate_pair(recipe: Recipe, teacher: nn.Module, student: nn.Module, out: Path,
-                  progress: bool = True) -> dict[str, Any]:
-    """Run every evaluator of the recipe on teacher and student; write metrics.json and roc.png."""
+def evaluate_models(recipe: Recipe, models: dict[str, nn.Module], out: Path, *,
+                    evals: list[dict[str, Any]] | None = None, progress: bool = True,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every evaluator on each of ``models`` (``{role: model}``); write metrics.json and roc.png.
+
+    ``evals`` replaces the recipe's ``eval:`` entries (``efquant-fx eval --eval``); the metrics file
+    keeps the recipe's hash either way, so it still points at the run that made the model.
+    """
     from efquant_fx.eval import build_evaluators, model_hash, plot_roc, write_metrics_json
 
-    evaluators = build_evaluators(recipe.eval, source="recipe eval")
+    specs = recipe.eval if evals is None else evals
+    evaluators = build_evaluators(specs, source="--eval" if evals is not None else "recipe eval")
+    if not evaluators:
+        raise EfquantError("no evaluators: add an eval: section to the recipe or pass --eval", field="eval")
     device = resolve_device(recipe.device)
     cache = out / "feature_cache"
-    results: dict[str, list] = {"teacher": [], "student": []}
+    results: dict[str, list] = {role: [] for role in models}
     for ev in evaluators:
-        for role, model in (("teacher", teacher), ("student", student)):
+        for role, model in models.items():
             results[role].append(ev.evaluate(model.eval(), device=str(device), cache=cache, progress=progress))
-    hashes = {"teacher": model_hash(teacher), "student": model_hash(student)}
+    hashes = {role: model_hash(model) for role, model in models.items()}
     write_metrics_json(out / "metrics.json", results, recipe_hash=recipe.hash, model_hashes=hashes,
-                       extra={"recipe": recipe.name})
+                       extra={"recipe": recipe.name, **(extra or {})})
     curves = {}
-    for role in ("teacher", "student"):
+    for role in models:
         for r in results[role]:
             if r.curve is not None:
                 curves[f"{role} {r.name}"] = r
     if curves:
         plot_roc(out / "roc.png", curves, title=recipe.name)
     return results
+
+
+def evaluate_pair(recipe: Recipe, teacher: nn.Module, student: nn.Module, out: Path,
+                  progress: bool = True, evals: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run every evaluator of the recipe on teacher and student; write metrics.json and roc.png."""
+    return evaluate_models(recipe, {"teacher": teacher, "student": student}, out, evals=evals, progress=progress)
 
 
 def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module | str | None = None,
@@ -77,8 +91,8 @@ def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module
     report = RunReport(out_dir=out, result=result)
     if spec.eval:
         report.metrics = evaluate_pair(spec, result.teacher, result.model, out, progress=progress)
-    if spec.export:
+    if spec.export is not None:
         from efquant_fx.export import export_model
 
-        report.exports = export_model(result, out / "export", **spec.export)
+        report.exports = export_model(result, out / "export", **spec.export.model_dump())
     return report

@@ -154,6 +154,28 @@ class FinetuneConfig(_Strict):
     max_bad_steps: int = Field(default=5, ge=0)
 
 
+ExportFormat = Literal["onnx_qcdq", "onnx_float", "packed", "torch_int8"]  # efquant_fx.export.FORMATS
+
+
+class ExportConfig(_Strict):
+    """Deployable files ``apply`` writes to ``<run>/export/``; also ``efquant-fx export``'s defaults."""
+
+    # the fields are export_model()'s keyword arguments: pipeline.run_recipe passes model_dump()
+
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["onnx_qcdq", "packed", "torch_int8"], min_length=1,
+        description="onnx_qcdq (int8 ONNX), onnx_float (the teacher), packed (sub-8-bit weights), "
+                    "torch_int8 (8-bit models only; skipped otherwise)",
+    )
+    opset: int = Field(default=13, ge=13, description="ONNX opset (per-channel DequantizeLinear needs 13)")
+    int8_kernels: bool = Field(
+        default=True, description="onnx_qcdq: calibrated 8-bit requantization points after quantized layers, "
+                                  "so onnxruntime runs QLinearConv/QLinearAdd (off: exact graph, float convs)")
+    requantize_linear: bool = Field(
+        default=False, description="onnx_qcdq: also round the embedding (Linear output) to 8 bits (QGemm)")
+    check_images: int = Field(default=16, ge=1, description="images for the parity checks (last calibration batch)")
+
+
 class Recipe(_Strict):
     version: Literal[1] = RECIPE_VERSION
     name: str = "recipe"
@@ -167,7 +189,7 @@ class Recipe(_Strict):
     ptq: PTQConfig = Field(default_factory=PTQConfig)
     finetune: FinetuneConfig | None = None
     eval: list[dict[str, Any]] = Field(default_factory=list)
-    export: dict[str, Any] | None = None
+    export: ExportConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,16 +1,22 @@
+import json
+import shutil
 import subprocess
 import sys
+import typing
 
+import pytest
+import yaml
 from typer.testing import CliRunner
 
-from efquant_fx.cli import app
+from efquant_fx.cli import app, parse_eval_spec
+from tests.test_pipeline import make_faces
 
 runner = CliRunner()
 
 
 def test_help_lists_commands():
     out = runner.invoke(app, ["--help"]).output
-    for cmd in ("apply", "inspect", "models", "recipes"):
+    for cmd in ("apply", "eval", "export", "inspect", "models", "recipes"):
         assert cmd in out
 
 
@@ -38,3 +44,177 @@ def test_inspect_shows_plan_without_running():
 def test_unknown_model_exit_2():
     res = runner.invoke(app, ["inspect", "resnet9000"])
     assert res.exit_code == 2 and "unknown model 'resnet9000'" in res.output
+
+
+# --- eval / export on a saved run ---------------------------------------------------------------------
+
+
+def one_error_line(res) -> str:
+    """The whole output of a refused command: exit code 2 and exactly one ``error:`` line."""
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """`apply` of a W8A8 mobilefacenet (zoo name, random init and calibration), packed export on."""
+    tmp = tmp_path_factory.mktemp("cli_run")
+    recipe = {"name": "tiny_mbf", "device": "cpu", "model": {"name": "mobilefacenet"},
+              "quant": {"weight_bits": 8, "act_bits": 8}, "calibration": {"images": 8, "batch_size": 4},
+              "export": {"formats": ["packed"]}}
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    res = runner.invoke(app, ["apply", str(tmp / "recipe.yaml"), "--out", str(tmp / "run")])
+    assert res.exit_code == 0, res.output
+    return tmp / "run", res.output
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    make_faces(root)
+    return root
+
+
+def test_apply_lists_exported_files(run_dir):
+    run, output = run_dir
+    size = (run / "export" / "model_packed.npz").stat().st_size
+    assert "model_packed.npz" in output and f"{size:,}" in output and "exact on reload" in output
+
+
+def test_eval_run_directory_teacher_vs_compressed(run_dir, faces, tmp_path):
+    run, _ = run_dir
+    spec = f"pairs:pairs={faces / 'pairs.txt'},root={faces},n_folds=2"
+    res = runner.invoke(app, ["eval", str(run), "--eval", spec, "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"teacher", "student"}
+    assert "acc" in metrics["results"]["student"]["pairs"]["metrics"]
+    assert "compressed" in res.output and "pairs" in res.output
+
+
+def test_eval_plain_model_with_recipe_eval_section(faces, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"device": "cpu", "eval": [
+        {"name": "pairs", "pairs": str(faces / "pairs.txt"), "root": str(faces), "n_folds": 2}]}))
+    res = runner.invoke(app, ["eval", "mobilefacenet", "--recipe", str(recipe), "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"model"} and "pairs" in metrics["results"]["model"]
+
+
+def test_eval_spec_forms():
+    assert parse_eval_spec("lfw_bin:path=/x/lfw.bin,n_folds=3,flip=false") == {
+        "name": "lfw_bin", "path": "/x/lfw.bin", "n_folds": 3, "flip": False}
+    assert parse_eval_spec("{name: pairs, pairs: p.txt, root: faces}") == {
+        "name": "pairs", "pairs": "p.txt", "root": "faces"}
+    assert parse_eval_spec("dense") == {"name": "dense"}
+
+
+def test_export_run_directory(run_dir, tmp_path):
+    run, _ = run_dir
+    out = tmp_path / "exp"
+    res = runner.invoke(app, ["export", str(run), "--format", "packed", "--format", "onnx_float", "--opset", "14",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["files"] == {"packed": "model_packed.npz", "onnx_float": "teacher_fp32.onnx"}
+    assert manifest["reports"]["onnx_float"]["opset"] == 14
+    assert manifest["reports"]["packed"]["max_abs_diff"] == 0.0
+    for name in ("model_packed.npz", "teacher_fp32.onnx"):
+        assert name in res.output and f"{(out / name).stat().st_size:,}" in res.output
+    assert "exact on reload" in res.output and "vs teacher" in res.output
+
+
+@pytest.fixture
+def broken_run(run_dir, tmp_path):
+    """A copy of the run whose files a test may damage."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir[0], copy, ignore=shutil.ignore_patterns("export", "eval"))
+    return copy
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["eval", "runs/does-not-exist", "--eval", "{pairs}"], "runs/does-not-exist: no such run directory"),
+    (["eval", "resnet9000", "--eval", "{pairs}", "--out", "{tmp}/ev"], "unknown model 'resnet9000'"),
+    (["eval", "mobilefacenet"], "--eval: no evaluators"),
+    (["eval", "{run}", "--eval", "not a spec"], "--eval: 'not a spec': expected NAME:key=value"),
+    (["eval", "{run}", "--eval", "{name: [oops"], "--eval: '{name: [oops': malformed inline mapping"),
+    (["eval", "{run}", "--eval", "megaface:path=x"], "unknown evaluator 'megaface'"),
+    (["eval", "{run}", "--eval", "lfw_bin:path=/no/lfw.bin"], "/no/lfw.bin: path: verification pack not found"),
+    (["eval", "{run}", "--eval", "pairs:pairs=/no/pairs.txt"], "/no/pairs.txt: pairs: pairs file not found"),
+    (["eval", "{run}"], "the run's recipe has no eval: section"),
+    (["eval", "{run}", "--model", "resnet9000", "--eval", "{pairs}"], "unknown model 'resnet9000'"),
+    (["export", "{run}", "--format", "tflite"], "--format: unknown format 'tflite'"),
+    (["export", "{run}", "--opset", "9"], "--opset: must be >= 13"),
+    (["export", "runs/does-not-exist"], "runs/does-not-exist: run directory not found"),
+    (["export", "{run}", "--model", "resnet9000"], "unknown model 'resnet9000'"),
+])
+def test_eval_export_bad_arguments_exit_2_one_line(broken_run, faces, tmp_path, args, expected):
+    pairs = f"pairs:pairs={faces / 'pairs.txt'},n_folds=2"
+    args = [a.replace("{run}", str(broken_run)).replace("{pairs}", pairs).replace("{tmp}", str(tmp_path))
+            for a in args]
+    res = runner.invoke(app, args)
+    assert expected in one_error_line(res)
+    assert not (tmp_path / "ev").exists()  # refused before writing anything
+
+
+@pytest.mark.parametrize(("fname", "content", "expected"), [
+    ("model.pt", None, "model.pt: compressed state dict not found"),
+    ("model.pt", b"not a checkpoint", "model.pt: not a torch.save() state dict"),
+    ("recipe.yaml", b"quant: {weight_bits: [\n", "recipe.yaml: line 2, column 1: malformed YAML"),
+    ("recipe.yaml", b"quant: {weight_bits: eight}\n", "recipe.yaml: quant.weight_bits: Input should be a valid"),
+])
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_damaged_run_directory_exit_2_one_line(broken_run, faces, command, fname, content, expected):
+    if content is None:
+        (broken_run / fname).unlink()
+    else:
+        (broken_run / fname).write_bytes(content)
+    extra = ["--eval", f"pairs:pairs={faces / 'pairs.txt'}"] if command == "eval" else ["--format", "packed"]
+    res = runner.invoke(app, [command, str(broken_run), *extra])
+    assert expected in one_error_line(res)
+
+
+def test_eval_bad_recipe_exit_2_one_line(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("eval: 5\n")
+    res = runner.invoke(app, ["eval", "mobilefacenet", "--recipe", str(bad)])
+    assert f"{bad}: eval: Input should be a valid list" in one_error_line(res)
+    bad.write_text("eval: [\n")
+    res = runner.invoke(app, ["eval", "mobilefacenet", "--recipe", str(bad)])
+    assert "malformed YAML" in one_error_line(res)
+
+
+# --- the typed export: section ------------------------------------------------------------------------
+
+
+def test_export_section_is_typed(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("export:\n  formats: [onnx_qcdq, packed, torch_int8]\n")  # as docs/tutorial.md shows it
+    assert runner.invoke(app, ["recipes", "validate", str(good)]).exit_code == 0
+    for text, expected in [("export: {formats: [tflite]}", "export.formats.0: Input should be 'onnx_qcdq'"),
+                           ("export: {opset: eleven}", "export.opset: Input should be a valid integer"),
+                           ("export: {dpi: 3}", "export.dpi: unknown field")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        res = runner.invoke(app, ["recipes", "validate", str(bad)])
+        assert expected in one_error_line(res), text
+
+
+def test_export_config_matches_export_model():
+    """The recipe section mirrors export_model()'s keyword arguments and formats (kept apart so that
+    reading a recipe does not import torch-heavy exporters)."""
+    import inspect
+
+    from efquant_fx.export import FORMATS, export_model
+    from efquant_fx.recipe import ExportConfig, ExportFormat
+
+    assert set(typing.get_args(ExportFormat)) == set(FORMATS)
+    params = inspect.signature(export_model).parameters
+    for name, field in ExportConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        assert name in params, name
+        expected = params[name].default
+        assert (list(expected) if isinstance(expected, tuple) else expected) == default, name

@@ -147,26 +147,11 @@ def _float_model(source: ModelSource, meta: dict[str, Any], path: Path) -> nn.Mo
 
 
 def rebuild_graph(float_model: nn.Module, recipe: Recipe) -> fx.GraphModule:
-    """The compressed graph's structure without any data-dependent step (mirrors ``compress()``)."""
-    from efquant_fx.graph import ptq
-    from efquant_fx.graph.quantize import quantize_graph
+    """The compressed graph's structure without any data-dependent step (shared with ``compress()``)."""
+    from efquant_fx.api import rewrite_graph
     from efquant_fx.graph.trace import trace
 
-    gm = trace(float_model, recipe.model.leaf_modules)
-    if recipe.prune is not None and recipe.prune.kind != "none":
-        from efquant_fx.graph import prune
-
-        if recipe.prune.kind == "unstructured":
-            prune.prune_unstructured(gm, recipe.prune.sparsity, exclude=recipe.prune.exclude)
-        else:  # magnitude importance: a function of the float weights only, so replaying it is exact
-            example = torch.zeros(2, 3, 112, 112)
-            prune.prune_channels(gm, recipe.prune.sparsity, example, exclude=recipe.prune.exclude)
-            gm = trace(gm) if not isinstance(gm, fx.GraphModule) else gm
-    q = recipe.quant
-    if q is not None and q.enabled:
-        if q.batchnorm == "fold":
-            gm = ptq.fold_batchnorm(gm)
-        quantize_graph(gm, q)
+    gm, _plans = rewrite_graph(trace(float_model, recipe.model.leaf_modules), recipe)
     return gm.eval()
 
 
