@@ -18,6 +18,7 @@ from efquant_fx.pipeline import check_writable, run_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANTS = ("w8a8", "w4a4")
+HELD_OUT_IMAGES = 32  # synthesized with another seed: never calibrated or trained on
 
 
 def _recipe_path(variant: str) -> Path:
@@ -39,7 +40,7 @@ def data_overrides(data: Path) -> list[str]:
         source = ["kind=folder", f"root={data}"]
     overrides = [f"calibration.data={{{', '.join(s.replace('=', ': ', 1) for s in source)}}}",
                  f"finetune.data={{{', '.join(s.replace('=', ': ', 1) for s in source)}, max_images: 3000}}",
-                 "calibration.images=128", "finetune.steps=100", "finetune.identities_per_batch=8",
+                 "calibration.images=128", "finetune.steps=40", "finetune.identities_per_batch=8",
                  "finetune.images_per_identity=4"]
     if pairs:
         p = data / pairs[0]
@@ -78,7 +79,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", data: str | Path | N
             if held_out is None:  # a different seed from the fine-tuning images: never trained on
                 from efquant_fx.data.synthetic import synthesize
 
-                held_out = synthesize(result.teacher, 64, seed=12345, steps=60, cache=out / "synthetic",
+                held_out = synthesize(result.teacher, HELD_OUT_IMAGES, seed=12345, cache=out / "synthetic",
                                       progress=progress)
             row.update(agreement(result.teacher, result.model, held_out))
         else:
