@@ -365,19 +365,23 @@ def export_cmd(
 
 
 def _with_data(spec, data: Path):
-    """Point calibration (and fine-tuning) at the user's images."""
+    """Point calibration (and fine-tuning) at the user's images, keeping the recipe's subset settings."""
     from efquant_fx.recipe import load_recipe
 
     if data.is_dir():
-        kind, extra = "folder", [f"calibration.data.root={data}"]
+        source = {"kind": "folder", "root": str(data)}
     elif data.is_file():
-        kind, extra = "list", [f"calibration.data.list={data}", f"calibration.data.root={data.parent}"]
+        source = {"kind": "list", "list": str(data), "root": str(data.parent)}
     else:
         raise EfquantError("not found", source=str(data), field="--data")
-    overrides = [f"calibration.data.kind={kind}", *extra]
-    if spec.finetune is not None:
-        overrides += [o.replace("calibration.", "finetune.", 1) for o in overrides]
-    return load_recipe(spec, overrides)
+    kept = ("verify", "flip", "max_images", "max_identities", "min_images_per_identity", "seed")
+    raw = spec.to_dict()
+    for section in ("calibration", "finetune"):
+        if raw.get(section) is None:
+            continue
+        old = raw[section].get("data") or {}
+        raw[section]["data"] = {**{k: old[k] for k in kept if old.get(k) is not None}, **source}
+    return load_recipe(raw)
 
 
 def run() -> None:  # pragma: no cover - console script entry

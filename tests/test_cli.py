@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +11,8 @@ from typer.testing import CliRunner
 
 from efquant_fx.cli import app, parse_eval_spec
 from tests.test_pipeline import make_faces
+
+REPO = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -218,3 +221,19 @@ def test_export_config_matches_export_model():
         assert name in params, name
         expected = params[name].default
         assert (list(expected) if isinstance(expected, tuple) else expected) == default, name
+
+
+def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_path):
+    from efquant_fx.cli import _with_data
+    from efquant_fx.recipe import load_recipe
+
+    spec = load_recipe(REPO / "recipes" / "mobilefacenet_w8a8.yaml")  # list-file data with max_images
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    out = _with_data(spec, faces)
+    for section in (out.calibration, out.finetune):
+        assert section.data.kind == "folder" and section.data.root == str(faces) and section.data.list is None
+    assert out.finetune.data.max_images == spec.finetune.data.max_images
+    listfile = tmp_path / "train.txt"
+    listfile.write_text("a.jpg\t0\n")
+    assert _with_data(spec, listfile).finetune.data.list == str(listfile)

@@ -32,6 +32,7 @@ def test_readme_and_docs_give_the_same_quickstart_command():
     assert shlex.join(commands[0]) in docs
 
 
+@pytest.mark.slow
 def test_quickstart_runs_from_the_readme_in_a_fresh_directory(tmp_path):
     (command,) = readme_quickstart_commands()
     exe = Path(sys.executable).with_name("efquant-fx")
