@@ -10,7 +10,7 @@ symlinked image directory inside ``root`` still works.
 from __future__ import annotations
 
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from efquant_fx.data.base import FaceDataset
@@ -34,33 +34,42 @@ def safe_relative(rel: str, *, source: str, field: str) -> str:
     return norm
 
 
+def _parse_lines(lines: Iterable[str], list_path: Path) -> tuple[list[str], list[int]]:
+    paths: list[str] = []
+    labels: list[int] = []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_path}:{number}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise EfquantError("expected 'relative/path<TAB>label'", source=where, field="line")
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise EfquantError(f"label {label_text!r} is not an integer", source=where, field="label") from None
+        if label < 0:
+            raise EfquantError(f"label {label} is negative", source=where, field="label")
+        paths.append(safe_relative(rel.strip(), source=where, field="path"))
+        labels.append(label)
+    return paths, labels
+
+
 def read_list(list_path: str | Path) -> tuple[list[str], list[int]]:
     """Parse a list file into (relative paths, labels); malformed lines raise with their line number."""
     list_path = Path(list_path)
     if not list_path.is_file():
         raise EfquantError("list file not found", source=str(list_path))
-    paths: list[str] = []
-    labels: list[int] = []
-    with open(list_path, encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_path}:{number}"
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise EfquantError("expected 'relative/path<TAB>label'", source=where, field="line")
-            rel, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise EfquantError(
-                    f"label {label_text!r} is not an integer", source=where, field="label"
-                ) from None
-            if label < 0:
-                raise EfquantError(f"label {label} is negative", source=where, field="label")
-            paths.append(safe_relative(rel.strip(), source=where, field="path"))
-            labels.append(label)
+    try:
+        with open(list_path, encoding="utf-8") as fh:
+            paths, labels = _parse_lines(fh, list_path)
+    except UnicodeDecodeError as exc:
+        raise EfquantError(f"not a UTF-8 text file (undecodable byte {exc.object[exc.start:exc.start + 1]!r})",
+                           source=str(list_path)) from None
+    except OSError as exc:
+        raise EfquantError(f"cannot read list file ({exc.strerror or exc})", source=str(list_path)) from None
     if not paths:
         raise EfquantError("list file has no entries", source=str(list_path))
     return paths, labels

@@ -17,6 +17,8 @@ Byte format (dmlc-core ``recordio.cc``, mxnet ``recordio.py``), all little-endia
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
 import struct
 from collections.abc import Hashable, Iterable, Sequence
@@ -82,16 +84,17 @@ def pack_payload(label: float | Sequence[float], data: bytes = b"", id: int = 0,
     return IR_HEADER.pack(labels.size, 0.0, id, id2) + labels.tobytes() + data
 
 
-def unpack_payload(payload: bytes) -> tuple[IRHeader, bytes]:
+def unpack_payload(payload: bytes, source: str | None = None) -> tuple[IRHeader, bytes]:
     """Split a payload into its header and the image bytes (mxnet ``recordio.unpack``)."""
     if len(payload) < IR_HEADER.size:
-        raise RecordIOFormatError(f"record of {len(payload)} bytes is shorter than the 24-byte IRHeader")
+        raise RecordIOFormatError(f"record of {len(payload)} bytes is shorter than the 24-byte IRHeader",
+                                  source=source)
     flag, label, id_, id2 = IR_HEADER.unpack_from(payload)
     offset = IR_HEADER.size
     if flag > 0:
         end = offset + 4 * flag
         if end > len(payload):
-            raise RecordIOFormatError(f"label array of {flag} floats runs past the record end")
+            raise RecordIOFormatError(f"label array of {flag} floats runs past the record end", source=source)
         labels = tuple(float(x) for x in np.frombuffer(payload, dtype="<f4", count=flag, offset=offset))
         return IRHeader(flag, labels, id_, id2), payload[end:]
     return IRHeader(flag, float(label), id_, id2), payload[offset:]
@@ -131,12 +134,16 @@ def read_index(idx: str | Path) -> dict[int, int]:
                 raise RecordIOFormatError(
                     "expected 'key<TAB>offset'", source=f"{idx}:{number}", field="index"
                 ) from None
+            if offset < 0:
+                raise RecordIOFormatError(f"negative byte offset {offset}", source=f"{idx}:{number}", field="index")
             offsets[key] = offset
     return offsets
 
 
 def read_record_at(fh: BinaryIO, offset: int, source: str = "") -> bytes:
     """The whole payload starting at ``offset``, joining continuation parts."""
+    if offset < 0:
+        raise RecordIOFormatError(f"negative byte offset {offset}", source=source)
     fh.seek(offset)
     parts: list[bytes] = []
     while True:
@@ -217,25 +224,38 @@ class RecordIOReader:
         return read_record_at(self._file(), self.offsets[key], str(self.rec))
 
     def header(self, key: int) -> IRHeader:
-        return unpack_payload(self.read(key))[0]
+        return unpack_payload(self.read(key), f"{self.rec}#{key}")[0]
 
     def image_bytes(self, key: int) -> bytes:
-        return unpack_payload(self.read(key))[1]
+        return unpack_payload(self.read(key), f"{self.rec}#{key}")[1]
 
 
-def _scalar_label(header: IRHeader) -> int:
+def _as_int(value: float, what: str, source: str) -> int:
+    if not math.isfinite(value):
+        raise RecordIOFormatError(f"{what} is {value}, not a number", source=source)
+    return int(value)
+
+
+def _scalar_label(header: IRHeader, source: str = "") -> int:
     label = header.label[0] if isinstance(header.label, tuple) else header.label
-    return int(label)
+    return _as_int(label, f"label of record {header.id}", source)
+
+
+def _keys_in(keys: list[int], start: int, end: int) -> list[int]:
+    """The sorted ``keys`` in ``[start, end)``; a corrupt header's huge range costs nothing."""
+    return keys[bisect.bisect_left(keys, start) : bisect.bisect_left(keys, end)]
 
 
 def list_records(reader: RecordIOReader) -> tuple[list[int], list[int]]:
     """(image keys, labels), using insightface's header and identity records when present."""
     keys = reader.keys
+    src = str(reader.rec)
     first = reader.header(0) if 0 in reader.offsets else None
     if first is None or first.flag == 0 or not isinstance(first.label, tuple) or len(first.label) < 2:
-        return keys, [_scalar_label(reader.header(k)) for k in keys]
-    id_start, id_end = int(first.label[0]), int(first.label[1])
-    identity_keys = [k for k in range(id_start, id_end) if k in reader.offsets]
+        return keys, [_scalar_label(reader.header(k), src) for k in keys]
+    id_start = _as_int(first.label[0], "record 0 identity start", src)
+    id_end = _as_int(first.label[1], "record 0 identity end", src)
+    identity_keys = _keys_in(keys, id_start, id_end)
     image_keys: list[int] = []
     labels: list[int] = []
     if identity_keys and len(identity_keys) == id_end - id_start:
@@ -243,17 +263,16 @@ def list_records(reader: RecordIOReader) -> tuple[list[int], list[int]]:
         for ident in identity_keys:
             span = reader.header(ident).label
             if not isinstance(span, tuple) or len(span) < 2:
-                raise RecordIOFormatError(
-                    f"identity record {ident} has no (start, end) label", source=str(reader.rec)
-                )
-            members = [k for k in range(int(span[0]), int(span[1])) if k in reader.offsets]
+                raise RecordIOFormatError(f"identity record {ident} has no (start, end) label", source=src)
+            members = _keys_in(keys, _as_int(span[0], f"identity record {ident} start", src),
+                               _as_int(span[1], f"identity record {ident} end", src))
             if members:
-                label = _scalar_label(reader.header(members[0]))
+                label = _scalar_label(reader.header(members[0]), src)
                 image_keys.extend(members)
                 labels.extend([label] * len(members))
         return image_keys, labels
-    image_keys = [k for k in range(1, id_start) if k in reader.offsets]
-    return image_keys, [_scalar_label(reader.header(k)) for k in image_keys]
+    image_keys = _keys_in(keys, 1, id_start)
+    return image_keys, [_scalar_label(reader.header(k), src) for k in image_keys]
 
 
 class RecordIODataset(FaceDataset):

@@ -18,10 +18,16 @@ IMAGE_SIZE = 112
 MAX_IMAGE_PIXELS = IMAGE_SIZE * IMAGE_SIZE * 64
 """Aligned faces are 112x112; anything above 64x that many pixels is treated as unreadable."""
 
-# Pillow warns above MAX_IMAGE_PIXELS and raises DecompressionBombError above twice that; we also
-# check the size ourselves (below), so both paths end as UnreadableImage rather than a crash or a
-# multi-gigabyte decode.
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+PILLOW_MAX_IMAGE_PIXELS = 40_000_000
+"""Pillow's process-wide bomb limit (warning above it, DecompressionBombError above twice it).
+
+The limit above is checked per image, right after Pillow has read the header and before any pixel is
+decoded; Pillow's global limit is only a backstop, set no lower than evaluation's (an unaligned photo
+with landmarks may be a few megapixels), so importing this module does not make evaluation refuse them.
+"""
+
+if Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS > PILLOW_MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = PILLOW_MAX_IMAGE_PIXELS
 
 
 class UnreadableImage(Exception):
@@ -52,12 +58,14 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXE
 def check_image_header(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Cheap check (format + size + Pillow ``verify``) without a full decode; raises UnreadableImage."""
     try:
-        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-        with Image.open(fp) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise UnreadableImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit")
-            img.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+            with Image.open(fp) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise UnreadableImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+                img.verify()
     except UnreadableImage:
         raise
     except Exception as exc:  # Pillow's verify raises a wide range of types on bad data

@@ -45,7 +45,8 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _is_lfw_header(fields: list[str]) -> bool:
-    return len(fields) == 2 and all(f.isdigit() for f in fields)
+    # isdecimal, not isdigit: '²' is a digit that int() refuses
+    return len(fields) == 2 and all(f.isdecimal() and len(f) < 10 for f in fields)
 
 
 def _parse_label(text: str, *, source: str, field: str) -> bool:

@@ -13,13 +13,21 @@ downloaded file executes whatever callables the file names, so we use an unpickl
 
 Anything else (``os.system``, ``builtins.eval``, ...) is refused with an :class:`EfquantError` before
 it can be called.
+
+Refusing code is not enough for a downloaded file: a few bytes can also make the unpickler allocate
+gigabytes. Before unpickling, the opcodes are walked with :mod:`pickletools` (nothing is built) and a
+memo index larger than the opcode count is refused (CPython sizes and zeroes its memo table to the
+largest index: a 9-byte file could ask for 32 GB). Numpy arrays may not hold Python objects and an
+empty array may not be larger than the file (real packs reconstruct ``shape (0,)``, then fill it).
 """
 
 from __future__ import annotations
 
 import codecs
 import io
+import math
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -35,32 +43,77 @@ def _latin1_encode(obj: str, encoding: str = "utf-8", errors: str = "strict") ->
     return obj.encode("latin1")
 
 
+def _plain_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
+    """``numpy.dtype`` for plain data only: an object array could be sized to gigabytes of references."""
+    dtype = np.dtype(spec, align, copy)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("numpy arrays of Python objects are not allowed in a verification pack")
+    return dtype
+
+
 _NUMPY_ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
-    ("numpy", "dtype"),
 }
+_PUT_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals a verification pack can legitimately contain."""
+    """An unpickler that resolves only the globals a verification pack can legitimately contain.
+
+    ``max_bytes`` bounds the size of an array that ``_reconstruct`` may allocate before it is filled.
+    """
+
+    def __init__(self, file: Any, *, max_bytes: int, **kwargs: Any):
+        super().__init__(file, **kwargs)
+        self.max_bytes = max_bytes
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("_codecs", "encode"):
             return _latin1_encode
+        if (module, name) == ("numpy", "dtype"):
+            return _plain_dtype
         if (module, name) in _NUMPY_ALLOWED:
-            return super().find_class(module, name)
+            found = super().find_class(module, name)
+            return self._bounded(found) if name == "_reconstruct" else found
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+    def _bounded(self, reconstruct: Any) -> Any:
+        def checked(subtype: Any, shape: Any, dtype: Any) -> Any:
+            plain = _plain_dtype(dtype)
+            if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise pickle.UnpicklingError(f"bad array shape {shape!r}")
+            if math.prod(shape) * plain.itemsize > self.max_bytes:
+                raise pickle.UnpicklingError(f"an array of shape {shape} is larger than the file")
+            return reconstruct(subtype, shape, dtype)
+
+        return checked
+
+
+def _check_opcodes(data: bytes, source: str) -> None:
+    """Walk the opcodes without building anything; refuse a memo index no real pickle reaches."""
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(data)):
+            if op.name in _PUT_OPCODES and (not isinstance(arg, int) or not 0 <= arg <= count):
+                raise EfquantError(
+                    f"not a readable pickle (memo index {arg} at opcode {count}: a real pack never goes that high)",
+                    source=source,
+                )
+    except EfquantError:
+        raise
+    except Exception as exc:  # pickletools raises ValueError & co. on malformed opcodes or arguments
+        raise EfquantError(f"not a readable pickle ({type(exc).__name__}: {exc})", source=source) from None
 
 
 def restricted_loads(data: bytes, *, source: str = "<bytes>") -> Any:
     """Unpickle ``data`` with :class:`RestrictedUnpickler`; Python-2 strings come back as bytes."""
+    _check_opcodes(data, source)
     for encoding in ("ASCII", "bytes"):
         try:
-            return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+            return RestrictedUnpickler(io.BytesIO(data), max_bytes=len(data), encoding=encoding).load()
         except UnicodeDecodeError:
             continue
         except pickle.UnpicklingError as exc:

@@ -14,7 +14,10 @@ clip, step``. Everything a long run needs is around that loop and nothing is hid
 * EKD thresholds still at 0 are set from the first batch (then the usual EMA): with TFace's momentum
   0.01 they would need ~300 steps to reach the FPR operating points (:func:`_ekd_warm_start`);
 * atomic checkpoints (``last.pt``; ``best.pt`` on the evaluation metric) and an exact resume: same
-  seed and data order give the same final weights as an uninterrupted run;
+  seed and data order give the same final weights as an uninterrupted run; an unwritable directory or
+  a disk too small for the checkpoints fails before training, and a write that fails later (disk full)
+  is one :class:`EfquantError` that leaves the previous checkpoint intact;
+* CUDA out of memory becomes an :class:`EfquantError` that names the batch and suggests a smaller one;
 * a step whose loss or gradient is NaN/inf is skipped (no update, buffers restored); after
   ``max_bad_steps`` in a row the run stops with an :class:`EfquantError`, keeping the last good
   checkpoint;
@@ -32,6 +35,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -54,6 +58,7 @@ from efquant_fx.errors import EfquantError
 from efquant_fx.finetune.losses import CombinedLoss, EKDLoss, build_combined_loss
 from efquant_fx.graph import calibrate as calib
 from efquant_fx.graph.modules import ActQuant
+from efquant_fx.models.checkpoint import load_error
 from efquant_fx.recipe import FinetuneConfig, Recipe
 from efquant_fx.result import CompressionResult, atomic_torch_save
 
@@ -171,6 +176,39 @@ def check_writable(out: Path) -> None:
     except OSError as exc:
         raise EfquantError(f"cannot write fine-tune checkpoints here ({exc.strerror or exc})", source=str(out),
                            field="out_dir") from None
+
+
+def checkpoint_bytes(student: nn.Module, cfg: FinetuneConfig) -> int:
+    """About how large ``last.pt`` gets: the student's state plus the optimizer's per-parameter state."""
+    slots = 2 if cfg.optimizer == "adamw" else (1 if cfg.momentum > 0 else 0)
+    params = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+    state = sum(t.numel() * t.element_size() for t in student.state_dict().values() if isinstance(t, Tensor))
+    return state + slots * params
+
+
+def check_free_space(out: Path, student: nn.Module, cfg: FinetuneConfig) -> None:
+    """Fail before training when the disk cannot hold the checkpoints (``last.pt`` while it is
+    replaced, i.e. twice, plus ``best.pt``); a full disk found later still leaves the last checkpoint."""
+    ckpt = checkpoint_bytes(student, cfg)
+    need = 2 * ckpt + ckpt // 2 + (1 << 20)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:  # not every filesystem reports it: the write itself will tell
+        return
+    if free < need:
+        raise EfquantError(f"only {free / 2**20:.1f} MiB free, fine-tune checkpoints need about "
+                           f"{need / 2**20:.1f} MiB; free some space or choose another directory",
+                           source=str(out), field="out_dir")
+
+
+def _save(obj: Any, path: Path, what: str, kept: str) -> None:
+    """:func:`atomic_torch_save`, and on a write error (disk full, quota, permissions) one clear error;
+    the previous file at ``path`` is never touched and the partial temp file is removed."""
+    try:
+        atomic_torch_save(obj, path)
+    except OSError as exc:
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+        raise EfquantError(f"cannot write the {what} ({exc.strerror or exc}); {kept}", source=str(path)) from None
 
 
 def _resume_hash(recipe: Recipe) -> str:
@@ -374,6 +412,8 @@ def finetune(
     np.random.seed(recipe.seed % 2**32)
 
     student, teacher = result.model, result.teacher
+    if out is not None and info.main:
+        check_free_space(out, student, cfg)
     device = next(iter(student.parameters()), torch.empty(0)).device
     use_cuda = device.type == "cuda"
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_cuda and cfg.amp \
@@ -486,25 +526,24 @@ def finetune(
             best.value, best.step, best.metrics = value, at_step, metrics
             best.state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
             if out is not None:
-                atomic_torch_save({"format": CHECKPOINT_FORMAT, "model": best.state, "step": at_step,
-                                   "metric": best.metric, "metrics": metrics}, out / "best.pt")
+                _save({"format": CHECKPOINT_FORMAT, "model": best.state, "step": at_step, "metric": best.metric,
+                       "metrics": metrics}, out / "best.pt", "best checkpoint", "the previous best.pt is intact")
 
     def save_checkpoint() -> None:
         nonlocal last_good
         if ckpt_path is None or not info.main:
             return
-        atomic_torch_save({
+        kept = f"the previous {ckpt_path.name} (step {last_good}) is intact" if last_good is not None else \
+            "no checkpoint was written yet"
+        _save({
             "format": CHECKPOINT_FORMAT, "recipe_hash": _resume_hash(recipe), "step": step, "epoch": epoch,
             "batch_in_epoch": batch_in_epoch, "sampler_epoch": epoch, "model": student.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "loss": loss_fn.state_dict(), "rng": _rng_state(),
             "bad_total": bad_total, "history": history,
             "best": {"metric": best.metric, "value": best.value, "step": best.step, "metrics": best.metrics},
-        }, ckpt_path)
+        }, ckpt_path, "fine-tune checkpoint", kept + "; free some space, then continue with resume")
         last_good = step
-
-    if step == 0 and cfg.calibrate_steps == 0:
-        evaluate(0)  # the PTQ baseline: fine-tuning must beat it to be kept
 
     flag: dict[str, Any] = {}
     stop_reason: str | None = None
@@ -515,6 +554,8 @@ def finetune(
     ema_speed: float | None = None
     set_train_mode(student, cfg.batchnorm)
     try:
+        if step == 0 and cfg.calibrate_steps == 0:
+            evaluate(0)  # the PTQ baseline: fine-tuning must beat it to be kept
         with _stop_on_signals(flag), _Progress(cfg.steps, step, progress and info.main) as bar:
             while step < cfg.steps and stop_reason is None:
                 if batch_in_epoch >= len(sampler):
@@ -627,6 +668,15 @@ def finetune(
                                 f"({best.metric}={best.value:.4f})")
         if bad_total:
             result.notes.append(f"fine-tune skipped {bad_total} step(s) with a NaN/inf loss or gradient")
+    except torch.OutOfMemoryError as exc:
+        kept = f"; last checkpoint: {ckpt_path} (step {last_good})" if last_good is not None else ""
+        detail = ". ".join((str(exc).strip().splitlines() or ["out of memory"])[0].split(". ")[:2]).rstrip(".")
+        raise EfquantError(
+            f"out of memory on {device} at step {step + 1} with a batch of {p} x {k} = {p * k} images per "
+            f"process ({detail}); use a smaller batch: lower finetune.identities_per_batch or "
+            f"finetune.images_per_identity, or keep finetune.amp on{kept}",
+            field="finetune.identities_per_batch",
+        ) from None
     finally:
         if channels_last:
             student.to(memory_format=torch.contiguous_format)
@@ -693,10 +743,14 @@ def _load_checkpoint(path: Path, recipe: Recipe) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EfquantError(f"cannot read the fine-tune checkpoint ({type(exc).__name__}: {exc})",
-                           source=str(path)) from None
+        raise load_error(exc, path, "fine-tune checkpoint") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise EfquantError("not an efquant fine-tune checkpoint", source=str(path))
+    missing = sorted({"recipe_hash", "step", "epoch", "batch_in_epoch", "model", "optimizer", "scheduler", "scaler",
+                      "loss", "rng", "bad_total", "history", "best"} - set(state))
+    if missing:
+        raise EfquantError(f"incomplete fine-tune checkpoint (no {', '.join(missing)}); start a new run directory",
+                           source=str(path))
     if state["recipe_hash"] != _resume_hash(recipe):
         raise EfquantError("this checkpoint was written by a different recipe (model, quantization, data or "
                            "fine-tune settings changed); start a new run directory", source=str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import pickletools
 from pathlib import Path
 
 import torch
@@ -11,6 +12,48 @@ from torch import nn
 from efquant_fx.errors import EfquantError
 
 _SHOW = 5
+
+
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "_codecs.encode", "numpy.")
+
+
+def _code_globals(path: str | Path) -> list[str]:
+    """Globals a plain-pickle file names that a weights file never does (for the message only)."""
+    try:
+        data = Path(path).read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a plain pickle (zip, garbage): nothing to name
+        return []
+    return [g for g in found if not g.startswith(_TORCH_GLOBALS)]
+
+
+def load_error(exc: BaseException, path: str | Path, what: str = "checkpoint") -> EfquantError:
+    """One line for a failed ``torch.load(..., weights_only=True)``.
+
+    torch's own message is a paragraph that suggests retrying with ``weights_only=False`` (which would
+    run the file's code); we keep only its reason, and say plainly when the file names code to run.
+    """
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        noise = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+        reason = (lines[0] if lines else "unsupported content").removeprefix("WeightsUnpickler error:").strip()
+        code = _code_globals(path)
+        if code or "GLOBAL" in reason:
+            named = f"it names {', '.join(code[:3])}" if code else reason
+            return EfquantError(f"refused to load: the {what} would run code when unpickled, it is not a plain "
+                                f"weights file ({named})", source=str(path))
+        return EfquantError(f"refused to load: the {what} is not a plain torch weights file ({reason})",
+                            source=str(path))
+    first = (text.splitlines() or [""])[0].split(". ")[0]
+    return EfquantError(f"cannot read {what} ({type(exc).__name__}: {first})", source=str(path))
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -24,14 +67,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EfquantError("checkpoint file not found", source=str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
-        raise EfquantError(
-            f"refused to load: not a plain weights file (weights_only=True rejected it: {first})",
-            source=str(path),
-        ) from None
-    except Exception as exc:  # zip/format errors from torch
-        raise EfquantError(f"cannot read checkpoint ({type(exc).__name__}: {exc})", source=str(path)) from None
+    except Exception as exc:  # unpickling refusals, zip/format errors from torch
+        raise load_error(exc, path) from None
     if isinstance(obj, dict) and "state_dict_backbone" in obj:
         obj = obj["state_dict_backbone"]
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

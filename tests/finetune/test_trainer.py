@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,6 +207,100 @@ def test_unwritable_out_dir_fails_before_training(ptq, tmp_path):
         finetune(result, out_dir=blocker / "run", progress=False)
     assert str(blocker / "run") in str(info.value)
     assert result.history == []
+
+
+def test_disk_too_small_for_checkpoints_fails_before_training(ptq, tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+    result = copy.deepcopy(ptq)
+    result.recipe = load_recipe({**BASE, "finetune": ft()})
+    with pytest.raises(EfquantError, match=r"out_dir: only 0.0 MiB free, fine-tune checkpoints need about"):
+        finetune(result, out_dir=tmp_path, progress=False)
+    assert result.history == [] and not (tmp_path / "last.pt").exists()
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(ptq, tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing step 6's checkpoint: one clear error, step 3's last.pt intact."""
+    import errno
+
+    real_save = torch.save
+    saves = []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(str(f))
+        if len(saves) == 2:
+            Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")  # the disk fills up mid-write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    result = copy.deepcopy(ptq)
+    result.recipe = load_recipe({**BASE, "finetune": ft(steps=6, checkpoint_every=3)})
+    with pytest.raises(EfquantError, match=r"last.pt: cannot write the fine-tune checkpoint \(No space left on "
+                                           r"device\); the previous last.pt \(step 3\) is intact") as info:
+        finetune(result, out_dir=tmp_path, progress=False)
+    assert "resume" in str(info.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the partial temp file is gone
+    # and the run continues from it once there is space again
+    resumed = run(ptq, ft(steps=6, checkpoint_every=3), out_dir=tmp_path, resume=True)
+    assert [h["step"] for h in resumed.history if h["kind"] == "train"] == list(range(1, 7))
+
+
+class OOMAt(nn.Module):
+    """The teacher, but its ``at``-th forward fails as a full GPU does."""
+
+    def __init__(self, inner: nn.Module, at: int):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.11 GiB of which 1.06 GiB is free.")
+        return self.inner(x)
+
+
+def test_out_of_memory_suggests_a_smaller_batch(ptq, tmp_path):
+    result = copy.deepcopy(ptq)
+    result.teacher = OOMAt(result.teacher, at=3)  # one teacher forward per step: step 3
+    result.recipe = load_recipe({**BASE, "finetune": ft(steps=6, checkpoint_every=2)})
+    with pytest.raises(EfquantError) as info:
+        finetune(result, out_dir=tmp_path, progress=False)
+    message = str(info.value)
+    assert message.startswith("finetune.identities_per_batch: out of memory on cpu at step 3 with a batch of "
+                              "2 x 2 = 4 images per process (CUDA out of memory. Tried to allocate 2.00 GiB)")
+    assert "lower finetune.identities_per_batch or finetune.images_per_identity" in message
+    assert f"last checkpoint: {tmp_path / 'last.pt'} (step 2)" in message
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00garbage\xff" * 8, r"refused to load: the fine-tune checkpoint is not a plain torch weights file"),
+    ("code", r"refused to load: the fine-tune checkpoint would run code when unpickled.*GLOBAL posix.system"),
+    ({"format": "efquant-finetune-v1", "step": 3}, r"incomplete fine-tune checkpoint \(no bad_total, batch_in_epoch"),
+    ({"model": {}}, r"not an efquant fine-tune checkpoint"),
+])
+def test_resume_from_a_bad_checkpoint_is_one_clear_error(ptq, tmp_path, content, message):
+    path = tmp_path / "last.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "code":
+        class RunsCode:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        torch.save({"format": "efquant-finetune-v1", "model": RunsCode()}, path)
+    else:
+        torch.save(content, path)
+    with pytest.raises(EfquantError, match=message) as info:
+        run(ptq, ft(), out_dir=tmp_path, resume=True)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    assert "weights_only=False" not in str(info.value)  # never advise loading it unsafely
 
 
 def test_best_checkpoint_is_kept_and_restored(ptq, tmp_path):
