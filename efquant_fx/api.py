@@ -128,6 +128,17 @@ def rewrite_graph(
     return gm, plans
 
 
+def _out_of_memory(exc: BaseException, stage: str, batch_size: int, device: torch.device) -> EfquantError:
+    """CUDA out of memory while calibrating, as one line that says which batch size to lower."""
+    detail = ". ".join((str(exc).strip().splitlines() or ["out of memory"])[0].split(". ")[:2]).rstrip(".")
+    hint = " (GPTQ holds one Hessian per layer: add large layers to ptq.gptq_exclude)" if stage == "GPTQ" else ""
+    return EfquantError(
+        f"out of memory on {device} during {stage} with calibration batches of {batch_size} images ({detail}); "
+        f"use a smaller batch: lower calibration.batch_size{hint}",
+        field="calibration.batch_size",
+    )
+
+
 def compress(
     model: nn.Module | str | Path,
     recipe: Recipe | dict[str, Any] | str | Path,
@@ -152,6 +163,10 @@ def compress(
     timings: dict[str, float] = {}
     notes: list[str] = []
 
+    weights_path = weights or recipe.model.weights
+    if weights_path is not None and not Path(weights_path).expanduser().is_file():  # relative: to the cwd
+        raise EfquantError("weights file not found", source=str(Path(weights_path).expanduser().absolute()),
+                           field="model.weights" if weights is None else "weights")
     t0 = time.perf_counter()
     float_model = load_model(model if model is not None else recipe.model.name,
                              weights or recipe.model.weights, **recipe.model.kwargs)
@@ -162,59 +177,74 @@ def compress(
     timings["load_and_trace"] = time.perf_counter() - t0
 
     cal = recipe.calibration
-    t0 = time.perf_counter()
-    if calibration_data is not None:
-        batches = _batches_from(calibration_data, cal.batch_size, cal.images)
-    else:
-        batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher)
-        if cal.data.kind == "random":
-            notes.append("calibrated on random inputs (calibration.data.kind=random): fine for a smoke test, "
-                         "not for accuracy; use face images or kind: synthetic")
-    batches = [b.to(device) for b in batches]
-    if not batches:
-        raise EfquantError("calibration data is empty", field="calibration.data")
-    held_out = batches[-1] if len(batches) > 1 else batches[0]
-    fit_batches = batches[:-1] if len(batches) > 1 else batches
-    timings["calibration_data"] = time.perf_counter() - t0
-
-    calibration_stats: list[dict[str, Any]] = []
-    gm, plans = rewrite_graph(gm, recipe, example=held_out[:2], fit_batches=fit_batches, device=device,
-                              timings=timings)
-    q = recipe.quant
-    if q is not None and q.enabled:
-        if q.batchnorm == "reestimate":  # BN statistics under quantized weights, before ranges are taken
-            t0 = time.perf_counter()
-            with calib.points_disabled(gm):
-                ptq.reestimate_batchnorm(gm, fit_batches, device)
-            timings["bn_reestimate"] = time.perf_counter() - t0
+    stage = "loading the calibration images"  # what ran out of memory, if something does
+    try:
         t0 = time.perf_counter()
-        calibration_stats = calib.calibrate(gm, fit_batches, device)
-        timings["calibrate"] = time.perf_counter() - t0
-        if recipe.ptq.gptq:
-            t0 = time.perf_counter()
-            skipped = ptq.gptq(gm, fit_batches, recipe.ptq.gptq_exclude, recipe.ptq.gptq_act_order, device)
-            if skipped:
-                notes.append(f"GPTQ skipped {', '.join(skipped)} (ptq.gptq_exclude)")
-            timings["gptq"] = time.perf_counter() - t0
-        if recipe.ptq.bias_correction:
-            t0 = time.perf_counter()
-            ptq.bias_correction(gm, fit_batches, device)
-            timings["bias_correction"] = time.perf_counter() - t0
+        if calibration_data is not None:
+            batches = _batches_from(calibration_data, cal.batch_size, cal.images)
+        else:
+            batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher)
+            if cal.data.kind == "random":
+                notes.append("calibrated on random inputs (calibration.data.kind=random): fine for a smoke test, "
+                             "not for accuracy; use face images or kind: synthetic")
+        batches = [b.to(device) for b in batches]
+        if not batches:
+            raise EfquantError("calibration data is empty", field="calibration.data")
+        held_out = batches[-1] if len(batches) > 1 else batches[0]
+        fit_batches = batches[:-1] if len(batches) > 1 else batches
+        timings["calibration_data"] = time.perf_counter() - t0
 
-    gm.eval()
-    result = CompressionResult(
-        model=gm, teacher=teacher, recipe=recipe, calibration=calibration_stats, timings=timings, notes=notes,
-        size_bytes_before=size_before,
-    )
-    result.layers = layer_table(gm, plans)
-    result.summary = summarize(result.layers)
-    result.size_bytes_after = compressed_size_bytes(gm)
-    result.fidelity = embedding_cosine(teacher, gm, held_out)
+        calibration_stats: list[dict[str, Any]] = []
+        stage = "the graph rewrite (pruning, equalization)"
+        gm, plans = rewrite_graph(gm, recipe, example=held_out[:2], fit_batches=fit_batches, device=device,
+                                  timings=timings)
+        q = recipe.quant
+        if q is not None and q.enabled:
+            if q.batchnorm == "reestimate":  # BN statistics under quantized weights, before ranges are taken
+                t0 = time.perf_counter()
+                stage = "BatchNorm re-estimation"
+                with calib.points_disabled(gm):
+                    ptq.reestimate_batchnorm(gm, fit_batches, device)
+                timings["bn_reestimate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stage = "calibration"
+            calibration_stats = calib.calibrate(gm, fit_batches, device)
+            timings["calibrate"] = time.perf_counter() - t0
+            if recipe.ptq.gptq:
+                t0 = time.perf_counter()
+                stage = "GPTQ"
+                skipped = ptq.gptq(gm, fit_batches, recipe.ptq.gptq_exclude, recipe.ptq.gptq_act_order, device)
+                if skipped:
+                    notes.append(f"GPTQ skipped {', '.join(skipped)} (ptq.gptq_exclude)")
+                timings["gptq"] = time.perf_counter() - t0
+            if recipe.ptq.bias_correction:
+                t0 = time.perf_counter()
+                stage = "bias correction"
+                ptq.bias_correction(gm, fit_batches, device)
+                timings["bias_correction"] = time.perf_counter() - t0
+
+        gm.eval()
+        result = CompressionResult(
+            model=gm, teacher=teacher, recipe=recipe, calibration=calibration_stats, timings=timings, notes=notes,
+            size_bytes_before=size_before,
+        )
+        result.layers = layer_table(gm, plans)
+        result.summary = summarize(result.layers)
+        result.size_bytes_after = compressed_size_bytes(gm)
+        stage = "the fidelity check"
+        result.fidelity = embedding_cosine(teacher, gm, held_out)
+    except torch.OutOfMemoryError as exc:
+        raise _out_of_memory(exc, stage, cal.batch_size, device) from None
 
     if recipe.finetune is not None:
         from efquant_fx.finetune import finetune  # the fine-tune stage
+        from efquant_fx.finetune.trainer import fidelity_evaluator
 
         result.ptq_fidelity = dict(result.fidelity)
-        finetune(result, out_dir=Path(finetune_dir) if finetune_dir else None, resume=resume)
+        # checkpoints are chosen on the batch calibration left out: the same yardstick as result.fidelity
+        result.notes.append(f"fine-tune evaluation: teacher-student cosine on the held-out calibration batch "
+                            f"({held_out.shape[0]} images)")
+        finetune(result, out_dir=Path(finetune_dir) if finetune_dir else None, resume=resume,
+                 evaluator=fidelity_evaluator(teacher, held_out))
         result.fidelity = embedding_cosine(teacher, result.model, held_out)
     return result

@@ -189,10 +189,12 @@ def parse_eval_spec(text: str) -> dict[str, Any]:
     """``NAME:key=value,...`` or an inline YAML/JSON mapping -> one recipe ``eval:`` entry."""
     import yaml
 
+    from efquant_fx.recipe import load_yaml  # safe_load with limits on depth and alias expansion
+
     text = text.strip()
     if text.startswith("{"):
         try:
-            entry = yaml.safe_load(text)
+            entry = load_yaml(text)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise EfquantError(f"{text!r}: malformed inline mapping ({problem})", field="--eval") from None
@@ -210,7 +212,7 @@ def parse_eval_spec(text: str) -> dict[str, Any]:
         if not sep or not key.strip():
             raise EfquantError(f"{text!r}: {item!r} is not key=value", field="--eval")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         entry[key.strip()] = value

@@ -1,8 +1,12 @@
 """Declarative, versioned recipes: what to compress, how, and how to fine-tune and evaluate it.
 
-Recipes are YAML (read with ``yaml.safe_load``) validated by the pydantic models below; every
-problem is reported as one line ``file: field.path: what was expected``. ``--set a.b=value``
-overrides are applied before validation, and the resolved recipe is written next to each result.
+Recipes are YAML (read with :func:`load_yaml`: ``yaml.safe_load`` plus limits on nesting depth and
+on how far aliases expand) validated by the pydantic models below; every problem is reported as one
+line ``file: field.path: what was expected``. ``--set a.b=value`` overrides are applied before
+validation, and the resolved recipe is written next to each result.
+
+Relative data and model paths in a recipe resolve against the current directory (as paths given
+on the command line do), not against the recipe file; "not found" errors show the absolute path.
 """
 
 from __future__ import annotations
@@ -149,7 +153,8 @@ class FinetuneConfig(_Strict):
     batchnorm: Literal["teacher", "reestimate"] = "teacher"
     amp: bool = True
     channels_last: bool = True
-    eval_every: int = Field(default=0, ge=0)
+    eval_every: int = Field(default=0, ge=0, description="evaluate every N steps (0: only at step 0, the PTQ "
+                            "model, and at the end); the best evaluated weights are kept")
     checkpoint_every: int = Field(default=50, ge=1)
     max_bad_steps: int = Field(default=5, ge=0)
 
@@ -203,13 +208,10 @@ class Recipe(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> Path:
-        """Write the resolved recipe atomically (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
-        return path
+        """Write the resolved recipe atomically (temp file + rename; see :func:`atomic_write_bytes`)."""
+        from efquant_fx.result import atomic_write_bytes  # result.py imports this module
+
+        return atomic_write_bytes(Path(path), self.to_yaml().encode("utf-8"))
 
 
 def shared_root() -> Path:
@@ -230,48 +232,189 @@ def _expand(value: Any) -> Any:
     return value
 
 
+#: a recipe is a few levels of sections; deeper nesting (after aliases are expanded) is refused
+YAML_MAX_DEPTH = 50
+#: how large aliases may make a recipe: nodes plus scalar characters, counted with every alias expanded
+YAML_MAX_EXPANDED = 100_000
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A YAML document that is nested too deeply, refers to itself or expands too far through aliases.
+
+    Not a syntax error: refused on purpose, before anything is built from it (a "billion laughs"
+    document of a few hundred bytes would otherwise expand to gigabytes when the recipe is walked).
+    """
+
+    def __init__(self, problem: str, mark: yaml.Mark | None = None):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+    def where(self) -> str:
+        mark = self.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that limits nesting depth and the size aliases expand to."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._depth = 0
+        self._first_alias: tuple[str, yaml.Mark] | None = None
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if self._first_alias is None:
+                self._first_alias = (event.anchor, event.start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= YAML_MAX_DEPTH:  # the composer recurses: stop before Python's stack does
+            raise YAMLLimitError(f"nested more than {YAML_MAX_DEPTH} levels deep (a recipe is a few levels of "
+                                 "sections)", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if self._first_alias is not None:
+            _check_expansion(node, *self._first_alias)
+        return node
+
+
+def _check_expansion(root: yaml.Node, alias: str, mark: yaml.Mark) -> None:
+    """Refuse a node graph that is cyclic, or too deep or too large once its aliases are expanded.
+
+    Sizes are memoized per node, so this is linear in the composed (unexpanded) document.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+    active: set[int] = set()
+
+    def walk(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in active:
+            raise YAMLLimitError(f"an alias refers to a node that contains it (*{alias} or another); "
+                                 "a recipe cannot be recursive", mark)
+        if key not in sizes:
+            if depth > YAML_MAX_DEPTH:
+                raise YAMLLimitError(f"aliases (*{alias}, ...) nest the recipe more than {YAML_MAX_DEPTH} "
+                                     "levels deep", mark)
+            active.add(key)
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            else:
+                children = []
+            size, height = 1 + (len(node.value) if isinstance(node, yaml.ScalarNode) else 0), 0
+            for child in children:
+                child_size, child_height = walk(child, depth + 1)
+                size, height = size + child_size, max(height, child_height + 1)
+                if size > YAML_MAX_EXPANDED:
+                    raise YAMLLimitError(f"aliases (*{alias}, ...) expand the recipe to more than "
+                                         f"{YAML_MAX_EXPANDED:,} values and characters (an alias bomb?); "
+                                         "write the repeated values out", mark)
+            active.discard(key)
+            sizes[key] = (size, height)
+        size, height = sizes[key]
+        if depth + height > YAML_MAX_DEPTH:
+            raise YAMLLimitError(f"aliases (*{alias}, ...) nest the recipe more than {YAML_MAX_DEPTH} "
+                                 "levels deep", mark)
+        return size, height
+
+    walk(root, 0)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` for recipes and ``--set`` values, refusing documents nested more than
+    :data:`YAML_MAX_DEPTH` levels, recursive ones, and ones whose aliases expand past
+    :data:`YAML_MAX_EXPANDED` (raises :class:`YAMLLimitError`, a ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
+    return f"a value ({value!r})" if len(repr(value)) <= 40 else f"a value ({type(value).__name__})"
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> str | None:
+    """Set ``data[parts[0]][parts[1]]...`` (list items by index), creating missing or null mappings on
+    the way. Returns why it cannot be done, or None when it was done."""
+    node: Any = data
+    for i, part in enumerate(parts):
+        here = ".".join(parts[:i]) or "<root>"
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not re.fullmatch(r"[0-9]+", part) or int(part) >= len(node):
+                span = f"by index 0 to {len(node) - 1}" if node else "by index, but it is empty"
+                return f"{here} is {_describe(node)}: address its items {span}, not {part!r}"
+            slot: Any = int(part)
+            nxt = node[slot]
+        elif isinstance(node, dict):
+            slot, nxt = part, node.get(part)
+        else:
+            return f"{here} is {_describe(node)}, not a mapping"
+        if last:
+            node[slot] = value
+        else:
+            if nxt is None:  # a missing or null section: create it
+                nxt = node[slot] = {}
+            node = nxt
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``4``, ``true``, ``[a, b]``)."""
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML scalars/lists (``4``, ``true``, ``[a, b]``).
+
+    List items are addressed by index (``eval.0.path=...``). A path that runs into a value, past the
+    end of a list or into a list by name is one :class:`RecipeError` line naming the override.
+    """
     data = copy.deepcopy(data)
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             problems.append(f"{source}: {item!r}: expected key.path=value")
             continue
+        parts = key.split(".")
+        if any(not p.strip() for p in parts):
+            problems.append(f"{source}: {key}: empty part in the key path (expected a.b.c=value)")
+            continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
+        except YAMLLimitError as exc:
+            problems.append(f"{source}: {key}: value refused: {exc.problem}")
+            continue
         except yaml.YAMLError:
             value = raw
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = node[int(part)] if isinstance(node, list) and part.isdigit() else node.get(part)
-            if nxt is None:
-                nxt = {}
-                node[part] = nxt
-            elif not isinstance(nxt, dict | list):
-                problems.append(f"{source}: {'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
-                break
-            node = nxt
-        else:
-            last = parts[-1]
-            if isinstance(node, list) and last.isdigit():
-                node[int(last)] = value
-            else:
-                node[last] = value
+        problem = _set_path(data, parts, value)
+        if problem:
+            problems.append(f"{source}: {key}: {problem}")
     if problems:
         raise RecipeError(problems)
     return data
 
 
+def _loc_part(part: str | int) -> str:
+    """A key as the user can find it: quoted when it is empty, padded with spaces or unprintable."""
+    if isinstance(part, str) and (not part or part != part.strip() or not part.isprintable()):
+        return repr(part)
+    return str(part)
+
+
 def _format_errors(exc: ValidationError, source: str) -> list[str]:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        loc = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the recipe reference)"
+            empty = err["loc"] and err["loc"][-1] == ""
+            msg = "unknown field (" + ("an empty key" if empty else "check the spelling") + \
+                "; see the recipe reference)"
         got = err.get("input")
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{source}: {loc}: {msg}{shown}")
@@ -292,7 +435,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError([f"{path}: file not found"])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except YAMLLimitError as exc:
+        raise RecipeError([f"{path}: {exc.where()}{exc.problem}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -300,6 +445,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise RecipeError([f"{path}: {where}malformed YAML ({problem})"]) from None
     except UnicodeDecodeError:
         raise RecipeError([f"{path}: not a UTF-8 text file"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read the recipe ({exc.strerror or exc})"]) from None
     return data if data is not None else {}
 
 

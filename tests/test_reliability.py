@@ -8,6 +8,7 @@ hook, called after every step here) waits at step 6 until the test has sent the 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
@@ -224,3 +225,147 @@ def test_a_pairs_header_with_unicode_digits_is_one_clear_error(tmp_path):
     pairs.write_text("² 1\n")  # str.isdigit() says yes, int() says no
     with pytest.raises(EfquantError, match=r"pairs.txt: line 1: expected 'path1 path2 label', got 2 fields"):
         read_pairs(pairs, tmp_path)
+
+
+# ----------------------------------------------------------------------------- writes that fail halfway
+
+
+def disk_full_after(nbytes: int):
+    """A ``torch.save`` that writes ``nbytes`` and then fails as a full disk does."""
+
+    def save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04" + b"\0" * nbytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return save
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    from efquant_fx.result import FileWriteError, atomic_torch_save
+
+    target = tmp_path / "model.pt"
+    atomic_torch_save({"step": 1}, target)
+    monkeypatch.setattr(torch, "save", disk_full_after(100))
+    with pytest.raises(EfquantError) as err:
+        atomic_torch_save({"step": 2}, target)
+    assert str(err.value) == f"{target}: cannot write the file (No space left on device); the previous model.pt " \
+                             f"is intact"
+    assert isinstance(err.value, FileWriteError) and err.value.errno == errno.ENOSPC  # also an OSError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    # a first write that fails leaves nothing at all
+    monkeypatch.setattr(torch, "save", disk_full_after(10))
+    with pytest.raises(EfquantError, match=r"new.pt: cannot write the file \(No space left on device\); nothing "
+                                           r"was written"):
+        atomic_torch_save({"step": 1}, tmp_path / "new.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_any_failure_mid_write_removes_the_temp_file(tmp_path, monkeypatch):
+    from efquant_fx.result import atomic_torch_save, atomic_write_bytes
+
+    def interrupted(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not an OSError: re-raised as it is, after the clean-up
+        atomic_torch_save({}, tmp_path / "a.pt")
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(EfquantError, match=r"file/sub/b.json: cannot write the file \(Not a directory\); nothing "
+                                           r"was written"):
+        atomic_write_bytes(blocker / "sub" / "b.json", b"{}")
+
+
+def test_a_full_disk_while_saving_a_result_or_recipe_is_one_clear_error(tmp_path, monkeypatch):
+    from efquant_fx.recipe import load_recipe
+
+    recipe = load_recipe({"name": "r"})
+    recipe.save(tmp_path / "recipe.yaml")
+
+    def full(self, data):
+        with open(self, "wb") as fh:
+            fh.write(data[:5])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(EfquantError, match=r"recipe.yaml: cannot write the file \(No space left on device\); the "
+                                           r"previous recipe.yaml is intact"):
+        load_recipe({"name": "other"}).save(tmp_path / "recipe.yaml")
+    monkeypatch.undo()
+    assert load_recipe(tmp_path / "recipe.yaml").name == "r"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
+
+
+# ----------------------------------------------------------------------------- compress(): OOM, missing paths
+
+
+def test_out_of_memory_while_calibrating_suggests_a_smaller_batch(monkeypatch):
+    from efquant_fx import api, compress
+    from tests.finetune.tiny import TinyFaceNet
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 79.11 GiB of which 1.06 GiB is free.")
+
+    monkeypatch.setattr(api.calib, "calibrate", oom)
+    with pytest.raises(EfquantError) as err:
+        compress(TinyFaceNet(), BASE)
+    assert str(err.value) == ("calibration.batch_size: out of memory on cpu during calibration with calibration "
+                              "batches of 8 images (CUDA out of memory. Tried to allocate 2.00 GiB); use a smaller "
+                              "batch: lower calibration.batch_size")
+    monkeypatch.undo()
+    monkeypatch.setattr(api.ptq, "gptq", oom)
+    with pytest.raises(EfquantError, match=r"during GPTQ with calibration batches of 8 images .*lower "
+                                           r"calibration.batch_size \(GPTQ holds one Hessian per layer: add large "
+                                           r"layers to ptq.gptq_exclude\)$"):
+        compress(TinyFaceNet(), {**BASE, "ptq": {"gptq": True}})
+
+
+def test_missing_data_and_weights_name_the_field_and_the_absolute_path(tmp_path, monkeypatch):
+    from efquant_fx import compress
+    from tests.finetune.tiny import TinyFaceNet
+
+    monkeypatch.chdir(tmp_path)  # relative recipe paths resolve against the current directory
+    cal = {**BASE["calibration"], "data": {"kind": "folder", "root": "my/faces"}}
+    with pytest.raises(EfquantError) as err:
+        compress(TinyFaceNet(), {**BASE, "calibration": cal})
+    assert str(err.value) == (f"{tmp_path}/my/faces: calibration.data.root: image folder not found (expected "
+                              f"root/<identity>/<image>)")
+    cal["data"] = {"kind": "list", "list": "lists/train.lst"}
+    with pytest.raises(EfquantError, match=rf"^{tmp_path}/lists/train.lst: calibration.data.list: list file not "
+                                           rf"found$"):
+        compress(TinyFaceNet(), {**BASE, "calibration": cal})
+    with pytest.raises(EfquantError, match=rf"^{tmp_path}/w/backbone.pth: model.weights: weights file not found$"):
+        compress(TinyFaceNet(), {**BASE, "model": {"weights": "w/backbone.pth"}})
+
+
+def test_cli_refusals_are_one_line(tmp_path, monkeypatch):
+    """A missing data folder, an alias bomb and a --set into a list: exit code 2 and one error line."""
+    from typer.testing import CliRunner
+
+    from efquant_fx.cli import app
+    from tests.test_recipe import laughs
+
+    def refused(args: list[str]) -> str:
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+        return lines[0]
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: mobilefacenet}\nquant: {}\ncalibration:\n  images: 4\n  batch_size: 2\n"
+                      "  data: {kind: folder, root: my/faces}\n")
+    assert refused(["apply", str(recipe), "--out", str(tmp_path / "run")]) == \
+        f"error: {tmp_path}/my/faces: calibration.data.root: image folder not found (expected root/<identity>/<image>)"
+    into_a_list = ["--set", "quant.exclude=[a]", "--set", "quant.exclude.x=1"]
+    assert refused(["recipes", "validate", str(recipe), *into_a_list]) == \
+        "error: --set: quant.exclude.x: quant.exclude is a list of 1 item: address its items by index 0 to 0, not 'x'"
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(laughs())
+    assert refused(["recipes", "validate", str(bomb)]).startswith(f"error: {bomb}: line 5, column 14: aliases (*l0")

@@ -2,7 +2,8 @@
 
 * any mapping is either a valid recipe or a :class:`RecipeError` whose every line names a field that
   is really in the input; a wrong type or out-of-range value anywhere in the schema names that field;
-  valid recipes survive save -> load unchanged (same hash);
+  valid recipes survive save -> load unchanged (same hash); any ``--set`` override on any mapping, and
+  any YAML text (anchors, aliases, merge keys, tags), is a recipe or a :class:`RecipeError`;
 * list files and pair lists parse or fail with an :class:`EfquantError`, never anything else; whatever
   they accept stays inside the data root, and valid ones read back exactly what was written.
 
@@ -157,14 +158,21 @@ JSONISH = st.recursive(
 
 def section(model: type[BaseModel]) -> st.SearchStrategy:
     """Mappings that mostly use the section's own keys (so validation goes deep), sometimes others."""
-    keys = st.sampled_from(sorted(model.model_fields)) | st.text(min_size=1, max_size=6)
+    keys = st.sampled_from(sorted(model.model_fields)) | st.text(max_size=6)
     return st.dictionaries(keys, JSONISH, max_size=5)
 
 
 SECTIONS = {name: section(_unwrap(info.annotation)) | JSONISH for name, info in Recipe.model_fields.items()
             if isinstance(_unwrap(info.annotation), type) and issubclass(_unwrap(info.annotation), BaseModel)}
 ANY_RECIPE = st.fixed_dictionaries({}, optional={**{k: JSONISH for k in Recipe.model_fields}, **SECTIONS}) | \
-    st.dictionaries(st.text(min_size=1, max_size=6) | st.integers(), JSONISH, max_size=4)
+    st.dictionaries(st.text(max_size=6) | st.integers(), JSONISH, max_size=4)
+
+
+def shown(key: typing.Any) -> str:
+    """How an error line writes a key: quoted when it is empty, padded with spaces or unprintable."""
+    if isinstance(key, str) and (not key or key != key.strip() or not key.isprintable()):
+        return repr(key)
+    return str(key)
 
 
 @FAST
@@ -178,8 +186,8 @@ def test_any_mapping_is_a_recipe_or_errors_that_name_its_fields(data):
         for line in exc.problems:
             assert line.startswith("r.yaml: "), line
             where = line.removeprefix("r.yaml: ")
-            # the field is one the user wrote (keys are never empty here: an empty key is reported as <root>)
-            assert any(where.startswith(f"{k}.") or where.startswith(f"{k}: ") for k in data), line
+            # the field is one the user wrote (an empty key too: it is written '')
+            assert any(where.startswith(f"{shown(k)}.") or where.startswith(f"{shown(k)}: ") for k in data), line
     else:
         assert isinstance(recipe, Recipe)
 
@@ -253,6 +261,40 @@ def test_valid_recipes_round_trip_through_save_and_load(work, data):
     again = load_recipe(path)
     assert again == recipe and again.hash == recipe.hash
     assert load_recipe(yaml.safe_load(recipe.to_yaml())).hash == recipe.hash
+
+
+KEY_PART = st.sampled_from(["quant", "exclude", "weight_bits", "layers", "eval", "finetune", "data", "root",
+                            "0", "1", "9", "-1", "x", "", " "]) | st.text(max_size=4)
+
+
+@FAST
+@given(data=ANY_RECIPE, key=st.lists(KEY_PART, min_size=1, max_size=4).map(".".join), raw=st.text(max_size=20))
+def test_any_override_applies_or_is_one_clear_error(data, key, raw):
+    """``--set key=value`` into any shape of recipe: a recipe, or lines that name the override or a field."""
+    try:
+        with no_hang():
+            recipe = load_recipe(data, [f"{key}={raw}"])
+    except RecipeError as exc:
+        assert exc.problems and all(line.startswith(("--set: ", "<recipe>: ")) for line in exc.problems), exc
+    else:
+        assert isinstance(recipe, Recipe)
+
+
+YAML_TEXT = st.lists(st.sampled_from(["&a ", "&b ", "*a", "*b", "[", "]", "{", "}", ", ", ": ", "- ", "\n", "\n  ",
+                                      "<<: ", "quant", "name", "x", "1", "'", '"', "!!str ", "? ", "#"]),
+                     max_size=40).map("".join)
+
+
+@FAST
+@given(text=YAML_TEXT)
+def test_any_yaml_text_is_a_recipe_or_one_clear_error(work, text):
+    path = work / "any.yaml"
+    path.write_text(text)
+    try:
+        with no_hang():
+            load_recipe(path)
+    except RecipeError as exc:
+        assert all(line.startswith(f"{path}: ") for line in exc.problems), exc.problems
 
 
 # ----------------------------------------------------------------------------- list files

@@ -145,6 +145,10 @@ def build_dataset(
     except EfquantError as exc:
         if exc.source is None and exc.field is not None:  # a bare field error: point at the recipe
             raise fail(str(exc).removeprefix(f"{exc.field}: "), exc.field) from None
+        named = [key for key in sorted(kind.path_keys) if spec.get(key) is not None and exc.source == str(spec[key])]
+        if named:  # about a path the spec names (e.g. not found): the resolved path, then its recipe field
+            message = str(exc).removeprefix(f"{exc.source}: ").removeprefix(f"{exc.field}: " if exc.field else "")
+            raise EfquantError(message, source=exc.source, field=f"{prefix}.{named[0]}") from None
         raise
     report.notes.extend(subset.notes)
     dataset.keep(subset.indices)

@@ -88,9 +88,9 @@ class ListFileDataset(FaceDataset):
     ):
         self.list_path = Path(list_path)
         self.root = Path(root) if root is not None else self.list_path.parent
+        paths, labels = read_list(self.list_path)  # first: without a root, the root is the list's folder
         if not self.root.is_dir():
             raise EfquantError("data root directory not found", source=str(self.root), field="root")
-        paths, labels = read_list(self.list_path)
         report = DataReport(source=str(self.list_path), kind="list", listed=len(paths))
         super().__init__(paths, labels, report, transform=transform, seed=seed)
 

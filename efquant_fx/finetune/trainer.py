@@ -389,7 +389,9 @@ def finetune(
 
     ``out_dir`` receives ``last.pt`` (every ``checkpoint_every`` steps and at the end) and ``best.pt``;
     ``resume`` continues from ``out_dir/last.pt``. ``evaluator(model) -> {metric: value}`` runs at step 0
-    and every ``eval_every`` steps (rank 0 only; default: teacher-student cosine on 64 fine-tune images);
+    every ``eval_every`` steps and at the end (an evaluator given here runs at step 0 and at the end even
+    with ``eval_every: 0``; ``compress()`` passes one on its held-out calibration batch; without one,
+    ``eval_every`` > 0 uses teacher-student cosine on 64 fine-tune images) on rank 0 only;
     the best weights on ``best_metric`` (default: the evaluator's first metric, ``higher_is_better``) are
     restored at the end. ``stop_at`` ends this call after that many steps (checkpoint written; the LR
     schedule still spans ``finetune.steps``), so time-boxed jobs continue with ``resume``.
@@ -656,7 +658,7 @@ def finetune(
             _sync_and_freeze(student, info)
             result.notes.append(f"fine-tune ended at step {step} while observing activation ranges "
                                 f"(calibrate_steps={cfg.calibrate_steps}); ranges frozen from what was seen")
-        if stop_reason is None and cfg.eval_every and step % cfg.eval_every != 0:
+        if stop_reason is None and (not cfg.eval_every or step % cfg.eval_every != 0):
             evaluate(step)
         if stop_reason is not None:
             result.notes.append(f"fine-tune stopped by {stop_reason} at step {step} of {cfg.steps}"

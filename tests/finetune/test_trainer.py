@@ -63,6 +63,16 @@ def test_compress_with_finetune_section_fills_history(tmp_path):
     assert ckpt["step"] == 6 and "terms.ekd.s_thresholds" in ckpt["loss"]
 
 
+def test_compress_never_returns_a_student_worse_than_its_ptq(tmp_path):
+    """compress() scores PTQ (step 0) and the end on its held-out calibration batch and keeps the better."""
+    result = compress(TinyFaceNet(), {**BASE, "finetune": ft(lr=5.0)}, finetune_dir=tmp_path)  # a harmful lr
+    evals = [h for h in result.history if h["kind"] == "eval"]
+    assert [h["step"] for h in evals] == [0, 6]
+    assert evals[0]["cosine_mean"] == pytest.approx(result.ptq_fidelity["cosine_mean"], abs=1e-5)
+    assert result.fidelity["cosine_mean"] >= result.ptq_fidelity["cosine_mean"] - 1e-5
+    assert any("held-out calibration batch" in n for n in result.notes)
+
+
 def test_ekd_thresholds_start_from_the_first_batch(ptq, tmp_path):
     run(ptq, ft(steps=1), out_dir=tmp_path)
     loss_state = torch.load(tmp_path / "last.pt", weights_only=True)["loss"]
@@ -77,7 +87,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ptq, tmp_path):
     assert any("stop_at=3" in n for n in first.notes)
     resumed = run(ptq, ft(), out_dir=tmp_path / "b", resume=True)
     assert max_diff(full.model.state_dict(), resumed.model.state_dict()) < 1e-6
-    assert max_diff(full.model.state_dict(), ptq.model.state_dict()) > 1e-4  # it did train
+    trained = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]  # before the best is restored
+    assert max_diff(trained, ptq.model.state_dict()) > 1e-4  # it did train
     losses = lambda r: [h["loss"] for h in r.history if h["kind"] == "train"]  # noqa: E731
     assert losses(resumed) == pytest.approx(losses(full), rel=1e-6)
 
