@@ -49,8 +49,13 @@ def render() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the file is stale instead of writing it")
+    args = ap.parse_args()
     text = render()
-    if "--check" in sys.argv:
+    if args.check:
         sys.exit(0 if OUT.read_text() == text else "docs/recipe-reference.md is stale: rerun the generator")
     OUT.write_text(text)
     print(f"wrote {OUT}")
