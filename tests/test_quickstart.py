@@ -50,7 +50,9 @@ def test_quickstart_runs_from_the_readme_in_a_fresh_directory(tmp_path):
     # what docs/quickstart.md tells a user to expect (held-out synthesized images)
     assert rows["w8a8"]["cosine_mean"] >= 0.98
     assert rows["w8a8"]["pair_rank_spearman"] >= 0.95
-    assert rows["w4a4"]["cosine_mean"] < rows["w8a8"]["cosine_mean"]
+    assert 0.4 <= rows["w4a4"]["cosine_mean"] < rows["w8a8"]["cosine_mean"]
+    for row in rows.values():  # fine-tuning never returns a student worse than PTQ on the held-out batch
+        assert row["finetuned_cosine_heldout_calibration"] >= row["ptq_cosine_heldout_calibration"] - 1e-6
     assert rows["w8a8"]["size_mib"] < rows["w8a8"]["teacher_size_mib"] / 3
     for variant in rows:  # each variant left a complete run directory
         assert {"recipe.yaml", "compression.json", "model.pt"} <= {p.name for p in (out / variant).iterdir()}
