@@ -111,6 +111,7 @@ def float_view(model: nn.Module) -> tuple[fx.GraphModule, list[str]]:
         if m.bias is not None:
             new.bias.copy_(m.bias)
         set_module(gm, name, new)
+    gm.eval()  # the new float modules start in training mode; conv-BN fusion needs both in eval
     gm.recompile()
     return gm, kept_float
 
@@ -137,6 +138,41 @@ def lower(model: nn.Module, batches: Sequence[torch.Tensor], *, engine: str | No
             mapping.set_module_name(name, None)
         custom = PrepareCustomConfig().set_non_traceable_module_classes([FloatPReLU])
         prepared = prepare_fx(gm, mapping, (batches[0][:1].cpu(),), prepare_custom_config=custom)
+        with torch.no_grad():
+            for x in batches:
+                prepared(x.cpu())
+        return convert_fx(prepared)
+
+
+def default_ptq(model: nn.Module, batches: Sequence[torch.Tensor], *, engine: str = "x86",
+                keep_prelu_float: bool = True) -> fx.GraphModule:
+    """Plain torch.ao FX post-training quantization of a *float* model: the baseline a user gets from
+    ``get_default_qconfig_mapping(engine)`` + ``prepare_fx`` / calibrate / ``convert_fx`` (8-bit,
+    per-channel weights, histogram activation observers; on x86 ``reduce_range`` activations, BN fused).
+
+    ``keep_prelu_float`` swaps PReLU for :class:`FloatPReLU` first, as :func:`lower` does: torch 2.13's
+    ``quantized::prelu`` is wrong for per-channel slopes, so the stock mapping would measure that bug.
+    """
+    if engine not in torch.backends.quantized.supported_engines:
+        engine = pick_engine()
+    if not batches:
+        raise EfquantError("torch.ao PTQ needs calibration batches", field="calibration")
+    torch.backends.quantized.engine = engine
+    from efquant_fx.graph.quantize import set_module
+    from efquant_fx.graph.trace import trace
+
+    gm = copy.deepcopy(model).cpu().eval()
+    gm = gm if isinstance(gm, fx.GraphModule) else trace(gm)
+    if keep_prelu_float:
+        for name, m in list(gm.named_modules()):
+            if isinstance(m, nn.PReLU):
+                set_module(gm, name, FloatPReLU(m.weight))
+        gm.recompile()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        custom = PrepareCustomConfig().set_non_traceable_module_classes([FloatPReLU])
+        prepared = prepare_fx(gm, get_default_qconfig_mapping(engine), (batches[0][:1].cpu(),),
+                              prepare_custom_config=custom)
         with torch.no_grad():
             for x in batches:
                 prepared(x.cpu())

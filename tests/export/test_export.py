@@ -302,3 +302,12 @@ def test_onnx_matches_fake_quant_on_real_faces(r18_export, r18_exported_graph):
         ref = r18_exported_graph(x)
     got = run(session(r18_export[1]["onnx_qcdq"].path, "enable_all", threads=2), x)
     assert cosine(got, ref).mean() >= 0.995
+
+
+def test_torch_int8_lowers_a_model_whose_batchnorm_was_kept(tmp_path):
+    """batchnorm: keep leaves conv->BN pairs for torch.ao to fuse: both must be in eval mode."""
+    result = compress(tiny(), recipe(name=None, batchnorm="keep"), calibration_data=CAL)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())
+    reports = export_model(result, tmp_path, formats="torch_int8", calibration=[CAL], inputs=CHECK)
+    assert not isinstance(reports["torch_int8"], dict)  # not skipped
+    assert (tmp_path / "model_int8.torchscript.pt").is_file()
