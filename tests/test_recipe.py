@@ -7,7 +7,7 @@ import yaml
 from efquant_fx import RecipeError, load_recipe
 from efquant_fx.recipe import apply_overrides
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))  # recipes/bench too
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

@@ -21,7 +21,8 @@ def model_hash(model: nn.Module) -> str:
     """SHA-256 of the model's class name and every ``state_dict`` entry (name, dtype, shape, bytes).
 
     Two models with equal weights and class hash equal, whatever object they are; for an FX
-    ``GraphModule`` the generated code is hashed too, since its class name says nothing.
+    ``GraphModule`` the generated code is hashed too, since its class name says nothing, and so are
+    quantizer bit widths (Brevitas keeps them outside the state dict).
     """
     h = hashlib.sha256()
     cls = type(model)
@@ -47,7 +48,25 @@ def model_hash(model: nn.Module) -> str:
                 h.update(t.view(torch.uint8).numpy().tobytes())
         else:
             h.update(repr(value).encode())
+    for name, bits in _bit_widths(model):  # quantizers of equal weights and scales may differ only here
+        h.update(f"{name}:{bits}".encode())
     return h.hexdigest()
+
+
+def _bit_widths(model: nn.Module) -> list[tuple[str, float]]:
+    """(module name, bit width) of every quantizer exposing ``bit_width()`` (Brevitas proxies)."""
+    found = []
+    for name, module in model.named_modules():
+        bit_width = getattr(module, "bit_width", None)
+        if not callable(bit_width):
+            continue
+        try:
+            value = bit_width()
+        except Exception:  # a proxy without a quantizer (e.g. an unused input quant)
+            continue
+        if value is not None:
+            found.append((name, float(value)))
+    return found
 
 
 def preprocess(pixels: np.ndarray) -> torch.Tensor:

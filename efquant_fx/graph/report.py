@@ -23,9 +23,11 @@ def float_size_bytes(model: nn.Module) -> int:
 
 
 def compressed_size_bytes(model: nn.Module) -> int:
-    """Deployable size: quantized weights at their bit width, zeros of pruned weights free
-    (sparse storage is not counted: unstructured sparsity alone does not shrink a dense file),
-    everything else at fp32."""
+    """Deployable size of a dense file: quantized weights at their bit width, everything else at fp32.
+
+    Unstructured sparsity does not shrink a dense file, so a pruned weight counts at its full size,
+    once: torch's pruning masks (``*_mask`` buffers) are bookkeeping, not part of the deployed model.
+    """
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 
     total = 0
@@ -40,7 +42,8 @@ def compressed_size_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         if id(p) not in quant_weights:
             total += p.numel() * p.element_size()
-    total += sum(b.numel() * b.element_size() for b in model.buffers() if b.is_floating_point())
+    total += sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                 if b.is_floating_point() and not name.endswith("_mask"))
     return total
 
 

@@ -180,3 +180,18 @@ def test_bad_pairs_lines_and_images_name_the_file(tmp_path):
     )
     with pytest.raises(EfquantError, match=r"Ann_A_0002.jpg: cannot decode image"):
         PairsVerification(txt, root, n_folds=2).evaluate(TinyNet(0))
+
+
+def test_model_hash_tells_apart_quantizers_that_differ_only_in_bit_width():
+    """Brevitas keeps bit widths outside the state dict: a W4 and a W8 copy must not share cached features."""
+    from brevitas.nn import QuantConv2d
+
+    torch.manual_seed(0)
+    w8 = QuantConv2d(3, 4, 3, weight_bit_width=8)
+    w4 = QuantConv2d(3, 4, 3, weight_bit_width=4)
+    w4.load_state_dict(w8.state_dict())
+    assert set(w8.state_dict()) == set(w4.state_dict())
+    assert model_hash(w8) != model_hash(w4)
+    w8_again = QuantConv2d(3, 4, 3, weight_bit_width=8)
+    w8_again.load_state_dict(w8.state_dict())
+    assert model_hash(w8_again) == model_hash(w8)

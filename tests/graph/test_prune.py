@@ -268,3 +268,14 @@ def test_bad_structured_arguments(x):
     prune_unstructured(model, 0.2)
     with pytest.raises(EfquantError, match="make_pruning_permanent"):
         prune_channels(model, 0.3, x)
+
+
+def test_reported_size_of_a_masked_model_is_its_dense_size():
+    """Masks are bookkeeping: a 50 %-pruned model is reported at its dense size, not twice it."""
+    from efquant_fx.graph.report import compressed_size_bytes
+
+    model = create_model("mobilefacenet")
+    dense = compressed_size_bytes(model)
+    prune_unstructured(model, 0.5)
+    assert any(name.endswith("_mask") for name, _ in model.named_buffers())
+    assert compressed_size_bytes(model) == dense
