@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
-import json
 import os
 import resource
 import sys
@@ -53,6 +51,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve a shared machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
+from _common import default_shared, load_teacher, machine, state_dict_bytes, write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "recipes" / "bench"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compare.json"
@@ -81,47 +82,6 @@ ROWS: dict[str, tuple[str, str, str, str | None, int | None]] = {
 BASELINES = {"W8A8": ["torchao_w8a8", "torchao_w8a8_fprelu", "brevitas_w8a8", "quantface_w8a8"],
              "W4A4": ["brevitas_w4a4", "quantface_w4a4"]}
 FAR = 1e-3
-
-
-def default_shared() -> Path:
-    return Path(os.environ.get("EFQUANT_SHARED", REPO.parent / "shared"))
-
-
-# ---------------------------------------------------------------- teacher and machine (as benchmarks/finetune.py)
-
-
-def machine() -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
-
-
-def load_teacher(name: str, shared: Path):
-    from efquant_fx.errors import EfquantError
-
-    if name == "mobilefacenet":
-        from efquant_fx.models.mxnet_import import load_mxnet_model
-
-        d = shared / "models" / "insightface_mobilefacenet_y1"
-        return load_mxnet_model(d / "model-symbol.json", d / "model-0000.params").eval()
-    if name == "sface":
-        from efquant_fx.models.onnx_import import load_onnx_model
-
-        return load_onnx_model(shared / "models" / "sface" / "face_recognition_sface_2021dec_int8bq.onnx").eval()
-    raise EfquantError(f"unknown teacher {name!r} (mobilefacenet, sface)", field="--models")
 
 
 def depthwise_rule(teacher) -> str:
@@ -334,14 +294,6 @@ def brevitas_default_ptq(teacher, batches, bits: int, device: str):
             for x in batches:
                 q(x.to(device))
     return Plain(q).eval()
-
-
-def state_dict_bytes(model) -> int:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
 
 
 def pruned_size(model) -> tuple[int, float]:
@@ -615,10 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     report["table_md"] = markdown_table(report)
     print("\n" + report["table_md"])
     print(f"total wall time {report['wall_s']['total']:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

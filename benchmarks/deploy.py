@@ -12,10 +12,8 @@ PyTorch. Writes ``benchmarks/results/deploy.json`` atomically.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,6 +32,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
+from _common import default_shared, machine, state_dict_bytes, write_json  # noqa: E402
+
 warnings.filterwarnings("ignore")
 THREADS = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def faces(n: int, offset: int = 0) -> tuple[torch.Tensor, str]:
     """Real aligned LFW faces when the shared folder is there, else uniform noise in [-1, 1]."""
-    root = Path(os.environ.get("EFQUANT_SHARED", REPO.parent / "shared")) / "data" / "lfw112" / "images"
+    root = default_shared() / "data" / "lfw112" / "images"
     if root.is_dir():
         from PIL import Image
 
@@ -50,32 +51,6 @@ def faces(n: int, offset: int = 0) -> tuple[torch.Tensor, str]:
         return (x.permute(0, 3, 1, 2) - 127.5) / 127.5, "lfw112 aligned faces"
     g = torch.Generator().manual_seed(offset)
     return torch.rand(n, 3, 112, 112, generator=g) * 2 - 1, "uniform noise (shared data not found)"
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cpus": os.cpu_count(), "threads": THREADS}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line)
-        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
-        info["int8_isa"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    import onnxruntime
-
-    info["onnxruntime"] = onnxruntime.__version__
-    import brevitas
-
-    info["brevitas"] = brevitas.__version__
-    info["quantized_engine"] = torch.backends.quantized.engine
-    return info
-
-
-def state_dict_bytes(model: torch.nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.tell()
 
 
 def measure(runners: dict[str, Any], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict[str, dict[str, float]]:
@@ -199,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     report = {
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
-        "machine": machine(),
+        "machine": machine(THREADS),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_shared": {
             "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": load_after,
@@ -220,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - started,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    os.replace(tmp, out)
+    write_json(out, report, default=float)
     print(f"[deploy] wrote {out}")
     return 0
 

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -47,6 +45,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
+from _common import SHARED_NOTE, default_shared, load_teacher, machine, write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "deploy_parity.json"
 TARGET_COSINE = 0.995
@@ -54,43 +55,6 @@ TARGET_DACC = 0.1  # points
 ORT_LEVELS = {"disable_all": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "layout": "ORT_ENABLE_LAYOUT", "enable_all": "ORT_ENABLE_ALL"}
 warnings.filterwarnings("ignore")
-
-
-def default_shared() -> Path:
-    return Path(os.environ.get("EFQUANT_SHARED", REPO.parent / "shared"))
-
-
-def machine(threads: int) -> dict[str, Any]:
-    import brevitas
-    import onnxruntime
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "brevitas": brevitas.__version__, "quantized_engine": torch.backends.quantized.engine,
-            "threads": threads, "load_average_at_end": os.getloadavg(),
-            "shared": "the 2 CPU cores were shared with other engineers' jobs during the run"}
-
-
-def load_teacher(name: str, shared: Path):
-    if name == "mobilefacenet":
-        from efquant_fx.models.mxnet_import import load_mxnet_model
-
-        d = shared / "models" / "insightface_mobilefacenet_y1"
-        return load_mxnet_model(d / "model-symbol.json", d / "model-0000.params").eval()
-    if name == "sface":
-        from efquant_fx.models.onnx_import import load_onnx_model
-
-        return load_onnx_model(shared / "models" / "sface" / "face_recognition_sface_2021dec_int8bq.onnx").eval()
-    raise SystemExit(f"unknown teacher {name!r} (mobilefacenet, sface)")
 
 
 class Pairs:
@@ -231,7 +195,12 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
     root = args.shared / "data" / "lfw112"
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    teacher = load_teacher(name, args.shared)
+    from efquant_fx.errors import EfquantError
+
+    try:
+        teacher = load_teacher(name, args.shared)
+    except EfquantError as exc:  # an unknown name ends the run with the message, as before
+        raise SystemExit(str(exc)) from None
     data = {"kind": "list", "list": str(root / "finetune.txt"), "root": str(root), "verify": "header"}
     quant = {"weight_bits": 8, "act_bits": 8, "observer": "percentile", "batchnorm": "keep", "layers": []}
     recipe = {"name": f"{name}_w8a8", "device": "cpu", "seed": 0, "quant": quant,
@@ -363,13 +332,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         report["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
-        report["machine"] = machine(args.threads)
+        report["machine"] = {**machine(args.threads), "shared": SHARED_NOTE}
         report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report["table_md"] = markdown_table(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, args.out)
+        write_json(args.out, report)
 
     for name in args.models:
         t = time.perf_counter()

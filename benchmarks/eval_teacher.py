@@ -20,19 +20,16 @@ command, wall times) and a ROC plot next to it. Exit code 2 with one line for us
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
+from _common import default_shared, machine  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "eval_teacher.json"
-
-
-def default_shared() -> Path:
-    return Path(os.environ.get("EFQUANT_SHARED", REPO.parent / "shared"))
 
 
 def load_model(ref: str, weights: str | None = None):
@@ -59,28 +56,6 @@ def load_model(ref: str, weights: str | None = None):
     raise EfquantError(
         f"{ref!r} is neither a model name ({', '.join(list_models())}) nor an .onnx file", field="--model"
     )
-
-
-def machine() -> dict[str, Any]:
-    """What ran the benchmark, for reading timings later."""
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "device": "cpu",
-    }
 
 
 def run(
@@ -133,7 +108,7 @@ def run(
         "data": str(lfw),
         "batch_size": batch_size,
         "wall_s": walls,
-        "machine": machine(),
+        "machine": {**machine(), "device": "cpu"},
         "curves_png": str(roc) if roc else None,
         "info": {r.name: r.info for r in results},
     }

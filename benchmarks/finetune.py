@@ -58,9 +58,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -70,46 +68,12 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve a shared machine
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
+from _common import SHARED_NOTE, default_shared, load_teacher, machine, write_json  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "finetune.json"
 KD = {"kd_cosine": {"weight": 1.0}}
-
-
-def default_shared() -> Path:
-    return Path(os.environ.get("EFQUANT_SHARED", REPO.parent / "shared"))
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "shared": "the 2 CPU cores were shared with other engineers' jobs during the run"}
-
-
-def load_teacher(name: str, shared: Path):
-    from efquant_fx.errors import EfquantError
-
-    if name == "mobilefacenet":
-        from efquant_fx.models.mxnet_import import load_mxnet_model
-
-        d = shared / "models" / "insightface_mobilefacenet_y1"
-        return load_mxnet_model(d / "model-symbol.json", d / "model-0000.params").eval()
-    if name == "sface":
-        from efquant_fx.models.onnx_import import load_onnx_model
-
-        return load_onnx_model(shared / "models" / "sface" / "face_recognition_sface_2021dec_int8bq.onnx").eval()
-    raise EfquantError(f"unknown teacher {name!r} (mobilefacenet, sface)", field="--models")
 
 
 # ----------------------------------------------------------------------------- layer rules
@@ -490,15 +454,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:  # after every teacher, so a cut-short run keeps what it finished
         report["wall_s"]["total"] = round(time.perf_counter() - t0, 1)
-        report["machine"] = machine()
+        report["machine"] = {**machine(), "shared": SHARED_NOTE}
         report["command"] = [sys.executable, *sys.argv] if argv is None else ["benchmarks/finetune.py", *argv]
         report["mode"] = "quick" if quick else "full"
         report["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         report["table_md"] = markdown_table(report)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2, default=str))
-        os.replace(tmp, args.out)
+        write_json(args.out, report)
 
     try:
         for model_name in args.models:
