@@ -43,7 +43,7 @@ def plot_roc(
     for far in fars:
         ax.axvline(far, color="0.8", linewidth=0.8, linestyle="--", zorder=0)
     ax.set_xscale("log")
-    ax.set_xlim(max(xmin, 1e-8), 1.0)
+    ax.set_xlim(min(max(xmin, 1e-8), 1e-3), 1.0)  # at least three decades, even for tiny pair sets
     ax.set_xlabel("false accept rate (FAR)")
     ax.set_ylabel("true accept rate (TAR)")
     ax.grid(True, which="major", alpha=0.3)
