@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +36,25 @@ class UnreadableImage(Exception):
     """A file or record that cannot be decoded as an image (the dataset counts it, never crashes)."""
 
 
+@contextmanager
+def _open_within_limit(source: bytes | str | Path, max_pixels: int) -> Iterator[Image.Image]:
+    """Open ``source`` (path or encoded bytes) lazily, refusing it from its header if it has too many pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+        with Image.open(fp) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise UnreadableImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit")
+            yield img
+
+
 def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode a path or encoded bytes to an RGB PIL image, or raise :class:`UnreadableImage`."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-            with Image.open(fp) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise UnreadableImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit")
-                img.load()
-                return img.convert("RGB")
+        with _open_within_limit(source, max_pixels) as img:
+            img.load()
+            return img.convert("RGB")
     except UnreadableImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -58,14 +67,8 @@ def decode_image(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXE
 def check_image_header(source: bytes | str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Cheap check (format + size + Pillow ``verify``) without a full decode; raises UnreadableImage."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
-            with Image.open(fp) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise UnreadableImage(f"{width}x{height} exceeds the {max_pixels}-pixel limit")
-                img.verify()
+        with _open_within_limit(source, max_pixels) as img:
+            img.verify()
     except UnreadableImage:
         raise
     except Exception as exc:  # Pillow's verify raises a wide range of types on bad data
