@@ -23,6 +23,7 @@ from efquant_fx.api import rewrite_graph
 from efquant_fx.errors import EfquantError
 from efquant_fx.graph.modules import ActQuant
 from efquant_fx.graph.report import compressed_size_bytes, float_size_bytes, layer_table, summarize
+from efquant_fx.graph.state import fit_to_state
 from efquant_fx.graph.trace import trace
 from efquant_fx.models import list_models
 from efquant_fx.models.checkpoint import check_state_dict, read_state_dict
@@ -104,7 +105,7 @@ def load_result(
     teacher = _teacher(recipe_path, recipe, model, weights).eval().to(device)
     gm = trace(copy.deepcopy(teacher), recipe.model.leaf_modules)
     gm, plans = rewrite_graph(gm, recipe, device=device)
-    _fit_to_state(gm, state)
+    fit_to_state(gm, state)
     problems = check_state_dict(gm, state)
     if problems:
         raise EfquantError(f"does not fit the graph rebuilt from {RECIPE_FILE} ({'; '.join(problems)}); "
@@ -135,15 +136,6 @@ def load_result(
         result.notes.append(f"reload: teacher {recipe.model.name!r} rebuilt without weights (seeded random init, "
                             "as compress() made it); pass weights= (--weights) if the run's teacher was pretrained")
     return result
-
-
-def _fit_to_state(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Create what data-driven steps add to a graph's parameters, as the saved state says:
-    biases from bias correction, lazily built weight scales (MSE / learned)."""
-    from efquant_fx.export.packed import _adopt_extra_biases, _init_lazy_weight_quant
-
-    _adopt_extra_biases(gm, state)
-    _init_lazy_weight_quant(gm, state)
 
 
 def _restore_ranges(gm: nn.Module, calibration: list[dict[str, Any]]) -> None:

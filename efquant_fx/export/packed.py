@@ -35,6 +35,7 @@ from efquant_fx.export.files import atomic_path
 from efquant_fx.export.reports import PackedReport
 from efquant_fx.graph.modules import ActQuant
 from efquant_fx.graph.report import float_size_bytes
+from efquant_fx.graph.state import fit_to_state
 from efquant_fx.recipe import Recipe, load_recipe
 
 FORMAT = "efquant-packed"
@@ -155,17 +156,6 @@ def rebuild_graph(float_model: nn.Module, recipe: Recipe) -> fx.GraphModule:
     return gm.eval()
 
 
-@torch.no_grad()
-def _init_lazy_weight_quant(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Weight scales initialised on first use (MSE search, learned scales) only create their
-    parameters then: run that first use for the layers whose stored state holds such tensors."""
-    have = gm.state_dict()
-    for name, layer in _quant_layers(gm).items():
-        prefix = f"{name}.weight_quant."
-        if any(k.startswith(prefix) and k not in have for k in state):
-            layer.quant_weight()
-
-
 class _Pinned(nn.Module):
     """A constant weight scale or zero point, standing in for a statistics-derived one."""
 
@@ -190,18 +180,6 @@ def _pin_weight_quant(layer: nn.Module, scale: torch.Tensor, zero_point: torch.T
     tensor_quant.scaling_impl = _Pinned(scale.to(device))
     tensor_quant.zero_point_impl = _Pinned(zero_point.to(device))
     return True
-
-
-def _adopt_extra_biases(gm: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Bias correction can give a bias-free layer a bias: create those parameters before loading."""
-    have = gm.state_dict()
-    for key in [k for k in state if k not in have and k.endswith(".bias")]:
-        try:
-            module = gm.get_submodule(key[: -len(".bias")])
-        except AttributeError:  # not this architecture: reported by the key check that follows
-            continue
-        if getattr(module, "bias", "missing") is None:
-            module.bias = nn.Parameter(torch.zeros_like(state[key]))
 
 
 @torch.no_grad()
@@ -229,8 +207,7 @@ def load_packed(path: str | Path, model: ModelSource = None, *, verify: bool = T
     for key in arrays:
         if key.startswith("tensor/"):
             state[key[len("tensor/"):]] = torch.from_numpy(arrays[key])
-    _adopt_extra_biases(gm, state)
-    _init_lazy_weight_quant(gm, state)
+    fit_to_state(gm, state)
     have = gm.state_dict()
     missing = sorted(set(have) - set(state))
     unexpected = sorted(set(state) - set(have))
