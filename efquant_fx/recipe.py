@@ -97,8 +97,11 @@ class QuantConfig(_Strict):
     layer_types: list[Literal["Conv2d", "Linear"]] = Field(default_factory=lambda: ["Conv2d", "Linear"])
     exclude: list[str] = Field(default_factory=list, description="regexes of module names left in float")
     layers: list[LayerRule] = Field(default_factory=list)
-    act_points: list[Literal["compute_input", "prelu", "residual_add", "output"]] = Field(
-        default_factory=lambda: ["compute_input", "prelu", "residual_add"]
+    act_points: list[Literal["compute_input", "compute_output", "prelu", "residual_add", "output"]] = Field(
+        default_factory=lambda: ["compute_input", "prelu", "residual_add"],
+        description="where activations are quantized; compute_output (after each quantized Conv2d, past "
+        "its BatchNorm) is what integer kernels (QLinearConv) run, so an int8 export then matches the "
+        "fake-quant model",
     )
     quantize_prelu_slopes: bool = False
     batchnorm: Literal["keep", "fold", "reestimate"] = "fold"

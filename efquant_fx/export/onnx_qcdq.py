@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from efquant_fx.errors import EfquantError
+from efquant_fx.export.bn_fold import fold_quantized_batchnorm
 from efquant_fx.export.files import atomic_path
 from efquant_fx.export.onnx_rewrite import activations_to_uint8, drop_initializer_inputs, set_batch_dim
 from efquant_fx.export.parity import float_compute, op_counts, parity, runtime_op_counts
@@ -74,8 +75,10 @@ def export_onnx_qcdq(
 ) -> OnnxReport:
     """Export the compressed graph ``model`` to QCDQ ONNX at ``path`` and check it in onnxruntime.
 
-    ``int8_kernels`` adds calibrated 8-bit requantization points after quantized layer outputs
-    (see :mod:`efquant_fx.export.requant`; needs ``calibration`` batches) and stores activations as
+    ``int8_kernels`` folds kept BatchNorms into their quantized convs
+    (:mod:`efquant_fx.export.bn_fold`), adds calibrated 8-bit requantization points after quantized
+    conv outputs that have none (:mod:`efquant_fx.export.requant`; a recipe with ``compute_output``
+    in ``quant.act_points`` already has them; needs ``calibration`` batches) and stores activations as
     uint8, so onnxruntime fuses ``QLinearConv``/``QLinearAdd``; without it the file mirrors the
     compressed graph exactly but runs its convs in float. ``requantize_linear`` also quantizes the
     embedding layer's output (``QGemm``); off by default, since it rounds the embedding itself to
@@ -98,10 +101,15 @@ def export_onnx_qcdq(
                                field="export.calibration")
         if not isinstance(source, fx.GraphModule):
             raise EfquantError("int8_kernels needs the compressed torch.fx GraphModule", field="export")
+        folded = fold_quantized_batchnorm(source)
+        if folded.folded:
+            notes.append(folded.note())
         added = add_output_points(source, [b.cpu() for b in calibration], symmetric=act_symmetric,
                                   observer=observer, include_linear=requantize_linear)
         if added:
-            notes.append(f"added {len(added)} 8-bit requantization points on layer outputs for integer kernels")
+            notes.append(f"added {len(added)} 8-bit requantization points on conv outputs for integer kernels; "
+                         "the fake-quant model never saw them (put compute_output in quant.act_points "
+                         "to calibrate and fine-tune with them, and match this file)")
     t0 = time.perf_counter()
     example = example_input(inputs)
     with atomic_path(path) as tmp, warnings.catch_warnings():

@@ -89,6 +89,16 @@ def _is_residual_add(node: fx.Node) -> bool:
     return all(isinstance(x, fx.Node) and x.op != "get_attr" for x in (a, b))
 
 
+def conv_output(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The tensor an int8 conv kernel writes: the conv's own output, or its BatchNorm's when the
+    conv feeds only a BatchNorm (which integer deployment folds into the conv)."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and isinstance(
+            get_module(gm, users[0].target), nn.BatchNorm2d):
+        return users[0]
+    return node
+
+
 def _point_name(gm: fx.GraphModule, producer: fx.Node) -> str:
     base = producer.target if producer.op == "call_module" else producer.name
     base = re.sub(r"[^0-9a-zA-Z_]", "_", str(base))
@@ -123,6 +133,8 @@ def quantize_graph(gm: fx.GraphModule, cfg: QuantConfig) -> dict[str, LayerPlan]
                 ))
                 if "compute_input" in cfg.act_points:
                     mark(node.args[0], plan.act_bits)
+                if "compute_output" in cfg.act_points and isinstance(module, nn.Conv2d):
+                    mark(conv_output(gm, node), plan.act_bits)
             elif isinstance(module, nn.PReLU):
                 slope_bits = cfg.act_bits if cfg.quantize_prelu_slopes else None
                 set_module(gm, node.target, QuantPReLU(module, slope_bits))

@@ -188,3 +188,45 @@ def test_plan_reports_exclusions():
     plans = plan_layers(gm, QuantConfig(exclude=["^features"], layer_types=["Conv2d"]))
     assert plans["features.layers.2"].reason == "Linear not in quant.layer_types"
     assert not plans["features.layers.0.layers.0"].quantize
+
+
+class ConvBNNet(nn.Module):
+    """conv->BN->PReLU, then a conv whose output goes straight into a residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=4, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.prelu = nn.PReLU(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.prelu(self.bn1(self.conv1(x)))
+        return x + self.conv2(x)
+
+
+def _user_types(gm, target: str) -> list[type]:
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+    return [type(gm.get_submodule(u.target)) for u in node.users if u.op == "call_module"]
+
+
+@pytest.mark.parametrize("batchnorm", ["keep", "fold"])
+def test_compute_output_quantizes_what_an_int8_conv_writes(batchnorm):
+    """The point sits past the BatchNorm when it is kept: that is the tensor a QLinearConv (BN folded) writes."""
+    cfg = QuantConfig(act_points=["compute_input", "compute_output", "prelu", "residual_add"], batchnorm=batchnorm)
+    gm = trace(ConvBNNet().eval())
+    if batchnorm == "fold":
+        from efquant_fx.graph.ptq import fold_batchnorm
+
+        gm = fold_batchnorm(gm)
+    quantize_graph(gm, cfg)
+    after_conv1 = _user_types(gm, "bn1" if batchnorm == "keep" else "conv1")
+    assert after_conv1 == [ActQuant]
+    if batchnorm == "keep":
+        assert _user_types(gm, "conv1") == [nn.BatchNorm2d]  # nothing between conv and its BN
+    assert _user_types(gm, "conv2") == [ActQuant]
+    without = trace(ConvBNNet().eval())
+    quantize_graph(without, QuantConfig(batchnorm="keep"))
+    n_with = sum(isinstance(m, ActQuant) for m in gm.modules())
+    n_without = sum(isinstance(m, ActQuant) for m in without.modules())
+    assert n_with == n_without + 2
