@@ -3,15 +3,20 @@
 For each real teacher (insightface MobileFaceNet y1, OpenCV Zoo SFace; loaded as in
 ``benchmarks/finetune.py``): PTQ W8A8 with the recipe ``benchmarks/finetune.py`` uses (per-channel
 symmetric weights, per-tensor activations, percentile observer, BatchNorm kept, 128 calibration faces
-from ``finetune.txt``, seed 0), then ``export_model(formats=("onnx_qcdq", "torch_int8"))``, then one
-embedding pass over the images of the LFW dev pairs (``dev_pairs.txt``, 1,800 pairs, 3 folds; no
-flip) with every runtime:
+from ``finetune.txt``, seed 0) with ``--act-points`` (default: ``compute_output`` added, so the
+model already quantizes what an int8 conv writes and export adds nothing), then
+``export_model(formats=("onnx_qcdq", "torch_int8"))``, then one embedding pass over the images of
+the LFW dev pairs (``dev_pairs.txt``, 1,800 pairs, 3 folds; no flip) with every runtime:
 
 * ``fp32``: the float teacher;
 * ``fake_quant``: the compressed model (Brevitas forward) — the reference of the targets;
-* ``fake_quant_exported``: the same plus the 8-bit output requantization points export adds for
-  ``QLinearConv`` (:func:`efquant_fx.export.requant.add_output_points`, same calibration), i.e. the
-  graph the int8 ONNX actually encodes;
+* ``fake_quant_exported``: the same with BN folded and the 8-bit output requantization points export
+  adds for ``QLinearConv`` (:func:`efquant_fx.export.requant.add_output_points`, same calibration),
+  i.e. the graph the int8 ONNX actually encodes (identical to ``fake_quant`` up to float rounding
+  when the recipe has ``compute_output``);
+* ``fake_quant_float64``: the compressed model itself run in float64: no runtime that does not
+  repeat PyTorch's float32 operation order bit for bit can be expected to beat this cosine (a
+  rounding flip at one 8-bit point moves everything after it);
 * ``ort_<level>``: the int8 QCDQ ONNX in onnxruntime (CPU) at each graph optimization level in
   ``--ort-levels`` (``enable_all`` is onnxruntime's default and what ``efquant_fx.export.parity``
   and ``benchmarks/deploy.py`` use; ``disable_all`` runs the graph as written);
@@ -163,33 +168,13 @@ def probe(path: Path, x, ref: np.ndarray, ref_ex: np.ndarray, threads: int) -> d
     return out
 
 
-def export_torch_int8_eval(result, out_dir: Path) -> dict[str, Any]:
-    """``export_model(formats="torch_int8")`` with a workaround: ``torch_int8.float_view`` builds its new
-    ``nn.Conv2d`` modules in training mode, so with ``batchnorm: keep`` (BN not folded, as here)
-    ``prepare_fx`` refuses to fuse a train-mode Conv with an eval-mode BN ("Conv and BN both must be in
-    the same mode"). The patch only puts the float view in eval mode; reported, not fixed, here."""
-    from efquant_fx.export import export_model, torch_int8
-
-    original = torch_int8.float_view
-
-    def float_view_eval(model):
-        gm, kept = original(model)
-        return gm.eval(), kept
-
-    torch_int8.float_view = float_view_eval
-    try:
-        reports = export_model(result, out_dir / "torch_int8", formats=("torch_int8",))
-    finally:
-        torch_int8.float_view = original
-    return {"torch_int8": reports["torch_int8"]}
-
-
 def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, Any]:
     import torch
 
     from efquant_fx import compress
     from efquant_fx.api import calibration_batches
     from efquant_fx.export import export_model
+    from efquant_fx.export.bn_fold import fold_quantized_batchnorm
     from efquant_fx.export.requant import add_output_points
 
     root = args.shared / "data" / "lfw112"
@@ -202,21 +187,22 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
     except EfquantError as exc:  # an unknown name ends the run with the message, as before
         raise SystemExit(str(exc)) from None
     data = {"kind": "list", "list": str(root / "finetune.txt"), "root": str(root), "verify": "header"}
-    quant = {"weight_bits": 8, "act_bits": 8, "observer": "percentile", "batchnorm": "keep", "layers": []}
+    quant = {"weight_bits": 8, "act_bits": 8, "observer": "percentile", "batchnorm": "keep", "layers": [],
+             "act_points": args.act_points}
     recipe = {"name": f"{name}_w8a8", "device": "cpu", "seed": 0, "quant": quant,
               "calibration": {"images": args.calib_images, "batch_size": 32, "data": data}}
     result = compress(teacher, recipe)
     timings["compress_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out_dir = args.workdir / name
-    reports = export_model(result, out_dir, formats=("onnx_qcdq",))
-    reports.update(export_torch_int8_eval(result, out_dir))
+    reports = export_model(result, out_dir, formats=("onnx_qcdq", "torch_int8"))
     timings["export_s"] = time.perf_counter() - t0
     q, t8 = reports["onnx_qcdq"], reports["torch_int8"]
     # the fake-quant graph the ONNX encodes: the compressed model + export's output requantization points
     cal = calibration_batches(result.recipe.calibration.data, result.recipe.calibration.images,
                               result.recipe.calibration.batch_size, result.recipe.seed)
     exported = copy.deepcopy(result.model).cpu().eval()
+    fold_quantized_batchnorm(exported)
     rq = result.recipe.quant
     added = add_output_points(exported, [b.float().cpu() for b in cal], symmetric=rq.act_symmetric,
                               observer=rq.observer, include_linear=False)
@@ -234,6 +220,8 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
     timed("fp32", lambda: embed_torch(teacher, x))
     timed("fake_quant", lambda: embed_torch(result.model.eval(), x))
     timed("fake_quant_exported", lambda: embed_torch(exported, x))
+    as_double = copy.deepcopy(result.model).cpu().eval().double()
+    timed("fake_quant_float64", lambda: embed_torch(lambda t: as_double(t.double()), x))
     for level in args.ort_levels:
         timed(f"ort_{level}", lambda level=level: embed_ort(ort_session(Path(q.path), level, args.threads), x))
     torch.backends.quantized.engine = t8.engine
@@ -247,7 +235,7 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
         acc = base if key == "fake_quant" else pairs.accuracy(e)
         row = {"cosine_vs_fake_quant": cos_stats(e, ref), "cosine_vs_fake_quant_exported": cos_stats(e, ref_ex),
                **acc, "delta_acc_vs_fake_quant": acc["pair_acc"] - base["pair_acc"], "embed_s": secs[key]}
-        if key not in ("fp32", "fake_quant"):
+        if key not in ("fp32", "fake_quant", "fake_quant_float64"):
             row["meets_cosine"] = row["cosine_vs_fake_quant"]["mean"] >= TARGET_COSINE
             row["meets_min_cosine"] = row["cosine_vs_fake_quant"]["min"] >= TARGET_COSINE
             row["meets_acc"] = abs(row["delta_acc_vs_fake_quant"]) <= TARGET_DACC + 1e-9
@@ -279,8 +267,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     for model, res in report["results"].items():
         for key, r in res["rows"].items():
             c = r["cosine_vs_fake_quant"]
-            if key in ("fp32", "fake_quant"):
-                flag = "reference" if key == "fake_quant" else "-"
+            if key in ("fp32", "fake_quant", "fake_quant_float64"):
+                flag = {"fake_quant": "reference", "fake_quant_float64": "floor (same model, float64)"}.get(key, "-")
             else:
                 flag = "met" if (r["meets_cosine"] and r["meets_acc"]) else (
                     "**missed** (" + ", ".join(k for k, ok in (("cosine", r["meets_cosine"]), ("acc", r["meets_acc"]))
@@ -301,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-levels", default="disable_all,basic,extended,enable_all", type=lambda s: s.split(","),
                     help=f"comma list of onnxruntime levels: {', '.join(ORT_LEVELS)}")
     ap.add_argument("--calib-images", type=int, default=128)
+    ap.add_argument("--act-points", default="compute_input,compute_output,prelu,residual_add",
+                    type=lambda s: s.split(","),
+                    help="quant.act_points (compute_output: the recipe already has the points int8 kernels need)")
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     ap.add_argument("--probe", action="store_true", help="enable_all with each ORT transformer disabled in turn")
     ap.add_argument("--probe-images", type=int, default=64)
