@@ -24,7 +24,12 @@ from torch import nn
 from efquant_fx.errors import EfquantError
 from efquant_fx.export.bn_fold import fold_quantized_batchnorm
 from efquant_fx.export.files import atomic_path
-from efquant_fx.export.onnx_rewrite import activations_to_uint8, drop_initializer_inputs, set_batch_dim
+from efquant_fx.export.onnx_rewrite import (
+    activations_to_uint8,
+    drop_initializer_inputs,
+    prelu_to_elementwise,
+    set_batch_dim,
+)
 from efquant_fx.export.parity import float_compute, op_counts, parity, runtime_op_counts
 from efquant_fx.export.reports import OnnxReport
 from efquant_fx.export.requant import act_points_not_quantizing, add_output_points
@@ -122,6 +127,8 @@ def export_onnx_qcdq(
         onnx_model = finish_onnx(tmp, expect_quant=True)
         if int8_kernels:
             activations_to_uint8(onnx_model)
+            if prelu_to_elementwise(onnx_model):
+                notes.append("PRelu written as Mul/Max (bit-identical; onnxruntime's PRelu kernel is its slowest op)")
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(tmp))
     seconds = time.perf_counter() - t0

@@ -100,3 +100,67 @@ def set_batch_dim(model: onnx.ModelProto, name: str = "N") -> None:
         if dims:
             dims[0].ClearField("dim_value")
             dims[0].dim_param = name
+
+
+def prelu_to_elementwise(model: onnx.ModelProto) -> int:
+    """Replace every ``PRelu(x, s)`` by bit-identical elementwise ops; returns how many changed.
+
+    onnxruntime's CPU ``PRelu`` is a slow broadcasting kernel: on MobileFaceNet int8 at batch 32 its
+    33 PReLUs took 70 % of the run, against 13 % for all the ``QLinearConv``; ``Mul`` by a
+    per-channel constant and ``Max`` of two tensors are its fast paths. With every slope <= 1,
+    ``PRelu(x) = Max(x, s * x)`` (3x faster on a 32x64x56x56 tensor). Trained face backbones have a
+    few slopes > 1 in most layers (MobileFaceNet y1: 26 of 33 layers); there, with ``d = -1`` on
+    those channels and ``+1`` elsewhere, ``PRelu(x) = d * Max(d * x, (d * s) * x)``. Both are exact:
+    the products are PRelu's own ``s * x`` up to sign flips, which round nothing.
+    Slopes that are not constant initializers are left as ``PRelu``.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    names = {o for n in graph.node for o in n.output} | set(inits) | {i.name for i in graph.input}
+
+    def fresh(base: str) -> str:
+        name, i = base, 0
+        while name in names:
+            i += 1
+            name = f"{base}_{i}"
+        names.add(name)
+        return name
+
+    def constant(base: str, value: np.ndarray) -> str:
+        name = fresh(base)
+        tensor = numpy_helper.from_array(value, name)
+        graph.initializer.append(tensor)
+        inits[name] = tensor
+        return name
+
+    new_nodes: list[onnx.NodeProto] = []
+    changed = 0
+    make = onnx.helper.make_node
+    for node in graph.node:
+        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+            new_nodes.append(node)
+            continue
+        x, slope_name = node.input[0], node.input[1]
+        slope = numpy_helper.to_array(inits[slope_name])
+        (y,) = node.output
+        base = node.name or y
+        if np.all(slope <= 1):
+            scaled = fresh(f"{base}_scaled")
+            new_nodes += [make("Mul", [x, slope_name], [scaled], name=fresh(f"{base}/Mul")),
+                          make("Max", [x, scaled], [y], name=fresh(f"{base}/Max"))]
+        else:
+            sign = np.where(slope > 1, -1, 1).astype(slope.dtype)
+            d, ds = constant(f"{slope_name}_sign", sign), constant(f"{slope_name}_signed", sign * slope)
+            dx, dsx, top = fresh(f"{base}_dx"), fresh(f"{base}_dsx"), fresh(f"{base}_max")
+            new_nodes += [make("Mul", [x, d], [dx], name=fresh(f"{base}/MulSign")),
+                          make("Mul", [x, ds], [dsx], name=fresh(f"{base}/MulSlope")),
+                          make("Max", [dx, dsx], [top], name=fresh(f"{base}/Max")),
+                          make("Mul", [top, d], [y], name=fresh(f"{base}/Unsign"))]
+        changed += 1
+    if changed:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    used = {name for n in graph.node for name in n.input}
+    for tensor in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(tensor)
+    return changed
