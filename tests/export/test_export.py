@@ -311,3 +311,52 @@ def test_torch_int8_lowers_a_model_whose_batchnorm_was_kept(tmp_path):
     reports = export_model(result, tmp_path, formats="torch_int8", calibration=[CAL], inputs=CHECK)
     assert not isinstance(reports["torch_int8"], dict)  # not skipped
     assert (tmp_path / "model_int8.torchscript.pt").is_file()
+
+
+# --- quantized PReLU in the torch int8 lowering --------------------------------------------------
+
+
+@pytest.mark.parametrize("slopes", [[0.25] * 4, [-0.4, 0.0, 0.3, 1.0], [-1.5, 0.1, 0.7, 2.4]])
+def test_prelu_slopes_sit_on_a_grid_with_one_exact(slopes):
+    from efquant_fx.export.torch_int8 import quantize_prelu
+
+    w = torch.tensor(slopes)
+    qw, err = quantize_prelu(w)
+    k = round(1 / qw.q_scale())
+    assert qw.dtype == torch.quint8 and abs(k * qw.q_scale() - 1) < 1e-6  # 1.0 is a grid point
+    assert err == pytest.approx((qw.dequantize() - w).abs().max().item(), abs=1e-6) and err <= 0.5 / k + 1e-6
+    if slopes[0] == 0.25:
+        assert err < 1e-6
+
+
+@pytest.mark.parametrize("act_points", [None, ["compute_input", "compute_output", "prelu", "residual_add"]])
+def test_quantized_prelu_matches_the_float_round_trip(act_points):
+    """quantized::prelu with the 1.0-exact slope grid lands within one output level of
+    dequantize -> float PReLU -> quantize, for negative and >1 per-channel slopes; also where a
+    compute_output point (an Identity in the lowered graph) sits between the conv and the PReLU."""
+    import torch.ao.nn.quantized as nnq
+
+    from efquant_fx.export.torch_int8 import FloatPReLU, lower, quantize_prelu
+
+    torch.manual_seed(0)
+    slopes = torch.linspace(-0.6, 1.8, 16)
+    x = torch.quantize_per_tensor(torch.randn(4, 16, 9, 9) * 2, 0.03, 120, torch.quint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    qprelu = nnq.PReLU(0.05, 100, 16)
+    qprelu.set_weight(quantize_prelu(slopes)[0])
+    got = qprelu(x).int_repr().int()
+    want = torch.quantize_per_tensor(nn.functional.prelu(x.dequantize(), slopes), 0.05, 100, torch.quint8)
+    assert (got - want.int_repr().int()).abs().max() <= 1
+
+    model = tiny()
+    with torch.no_grad():
+        model.prelu.weight.copy_(torch.linspace(-0.3, 1.4, 8))
+    points = {"act_points": act_points} if act_points else {}
+    result = compress(model, recipe(name=None, **points), calibration_data=CAL)
+    fast = lower(result.model, [CAL])
+    slow = lower(result.model, [CAL], quantized_prelu=False)
+    assert not any(isinstance(m, FloatPReLU) for m in fast.modules())
+    assert any(isinstance(m, nnq.PReLU) for m in fast.modules())
+    assert any(isinstance(m, FloatPReLU) for m in slow.modules())
+    with torch.no_grad():
+        assert cosine(fast(CHECK), slow(CHECK)).min() > 0.999
