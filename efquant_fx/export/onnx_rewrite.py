@@ -112,10 +112,23 @@ def prelu_to_elementwise(model: onnx.ModelProto) -> int:
     few slopes > 1 in most layers (MobileFaceNet y1: 26 of 33 layers); there, with ``d = -1`` on
     those channels and ``+1`` elsewhere, ``PRelu(x) = d * Max(d * x, (d * s) * x)``. Both are exact:
     the products are PRelu's own ``s * x`` up to sign flips, which round nothing.
-    Slopes that are not constant initializers are left as ``PRelu``.
+    Slopes that are not constants (initializers, possibly behind ``Identity`` nodes, which the
+    exporter uses for repeated values) are left as ``PRelu``.
     """
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def constant_value(name: str) -> np.ndarray | None:
+        for _ in range(len(graph.node) + 1):
+            if name in inits:
+                return numpy_helper.to_array(inits[name])
+            node = producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
     names = {o for n in graph.node for o in n.output} | set(inits) | {i.name for i in graph.input}
 
     def fresh(base: str) -> str:
@@ -137,11 +150,11 @@ def prelu_to_elementwise(model: onnx.ModelProto) -> int:
     changed = 0
     make = onnx.helper.make_node
     for node in graph.node:
-        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+        slope = constant_value(node.input[1]) if node.op_type == "PRelu" else None
+        if slope is None or node.domain not in ("", "ai.onnx"):
             new_nodes.append(node)
             continue
         x, slope_name = node.input[0], node.input[1]
-        slope = numpy_helper.to_array(inits[slope_name])
         (y,) = node.output
         base = node.name or y
         if np.all(slope <= 1):

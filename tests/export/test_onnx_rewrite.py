@@ -42,10 +42,22 @@ def test_prelu_rewrite_is_bit_identical_and_drops_prelu(slopes, ops):
     assert np.array_equal(run(model, x), want)
 
 
+def test_prelu_slope_behind_identity_is_still_a_constant():
+    """torch.onnx.export shares repeated slope tensors through Identity nodes."""
+    model = prelu_graph(np.array([0.1, 1.7]))
+    model.graph.node.insert(0, helper.make_node("Identity", ["s"], ["s2"]))
+    model.graph.node[1].input[1] = "s2"
+    x = np.random.default_rng(1).normal(size=(2, 2, 5, 5)).astype(np.float32)
+    want = run(model, x)
+    assert prelu_to_elementwise(model) == 1
+    assert "PRelu" not in {n.op_type for n in model.graph.node}
+    assert np.array_equal(run(model, x), want)
+
+
 def test_prelu_with_a_computed_slope_is_left_alone():
     model = prelu_graph(np.array([0.1, 0.2]))
-    node = helper.make_node("Identity", ["s"], ["s2"])
+    node = helper.make_node("Neg", ["s"], ["s2"])
     model.graph.node.insert(0, node)
     model.graph.node[1].input[1] = "s2"
     assert prelu_to_elementwise(model) == 0
-    assert [n.op_type for n in model.graph.node] == ["Identity", "PRelu"]
+    assert [n.op_type for n in model.graph.node] == ["Neg", "PRelu"]
