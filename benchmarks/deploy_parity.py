@@ -219,16 +219,19 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
 
     timed("fp32", lambda: embed_torch(teacher, x))
     timed("fake_quant", lambda: embed_torch(result.model.eval(), x))
-    timed("fake_quant_exported", lambda: embed_torch(exported, x))
-    as_double = copy.deepcopy(result.model).cpu().eval().double()
-    timed("fake_quant_float64", lambda: embed_torch(lambda t: as_double(t.double()), x))
+    if "fake_quant_exported" not in args.skip:
+        timed("fake_quant_exported", lambda: embed_torch(exported, x))
+    if "fake_quant_float64" not in args.skip:
+        as_double = copy.deepcopy(result.model).cpu().eval().double()
+        timed("fake_quant_float64", lambda: embed_torch(lambda t: as_double(t.double()), x))
     for level in args.ort_levels:
         timed(f"ort_{level}", lambda level=level: embed_ort(ort_session(Path(q.path), level, args.threads), x))
     torch.backends.quantized.engine = t8.engine
     ts = torch.jit.load(t8.path)
     timed("torch_int8", lambda: embed_torch(ts, x))
 
-    ref, ref_ex = emb["fake_quant"], emb["fake_quant_exported"]
+    ref = emb["fake_quant"]
+    ref_ex = emb.get("fake_quant_exported", ref)
     base = pairs.accuracy(ref)
     rows: dict[str, Any] = {}
     for key, e in emb.items():
@@ -293,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                     type=lambda s: s.split(","),
                     help="quant.act_points (compute_output: the recipe already has the points int8 kernels need)")
     ap.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--skip", default="", type=lambda s: [r for r in s.split(",") if r],
+                    help="rows to leave out: fake_quant_exported, fake_quant_float64 (the slow one)")
     ap.add_argument("--probe", action="store_true", help="enable_all with each ORT transformer disabled in turn")
     ap.add_argument("--probe-images", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "efquant_deploy_parity")

@@ -175,6 +175,7 @@ def apply_cmd(
         console.print(compare_table(metrics["teacher"], metrics["student"], names=["teacher", "compressed"]))
     if report.exports:
         console.print(_export_table(report.exports, title=f"exported to {out / 'export'}"))
+        _print_export_notes(report.exports)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     console.print(f"run directory: {out}", markup=False)
@@ -325,6 +326,13 @@ def _export_table(reports: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _print_export_notes(reports: dict[str, Any]) -> None:
+    """What export did beyond writing the file (added points, folded BNs, float PReLUs), one line each."""
+    for fmt, rep in reports.items():
+        for note in getattr(rep, "notes", None) or []:
+            console.print(f"note: {fmt}: {note}", markup=False, soft_wrap=True)
+
+
 @app.command("export")
 @guarded
 def export_cmd(
@@ -363,6 +371,7 @@ def export_cmd(
         config["opset"] = opset
     reports = export_model(result, out, **config)
     console.print(_export_table(reports, title=f"{run_dir} -> {out}"))
+    _print_export_notes(reports)
     console.print(f"manifest: {reports['manifest']}", markup=False)
 
 

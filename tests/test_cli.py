@@ -130,6 +130,18 @@ def test_export_run_directory(run_dir, tmp_path):
     assert "exact on reload" in res.output and "vs teacher" in res.output
 
 
+def test_export_int8_onnx_says_what_it_added(run_dir, tmp_path):
+    """This run's recipe has no compute_output points: export adds them, and must say so."""
+    run, _ = run_dir
+    res = runner.invoke(app, ["export", str(run), "--format", "onnx_qcdq", "--out", str(tmp_path / "exp")])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "exp" / "export.json").read_text())
+    added = manifest["reports"]["onnx_qcdq"]["added_output_points"]
+    assert added > 0
+    assert f"note: onnx_qcdq: added {added} 8-bit requantization points" in res.output
+    assert "compute_output" in res.output
+
+
 @pytest.fixture
 def broken_run(run_dir, tmp_path):
     """A copy of the run whose files a test may damage."""
