@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = Pairs(args.shared / "data" / "lfw112", args.pairs)
     print(f"[deploy_parity] {pairs.info}", flush=True)
     report: dict[str, Any] = {
-        "command": "OMP_NUM_THREADS=1 python " + " ".join(
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python " + " ".join(
             [os.path.relpath(sys.argv[0], REPO) if argv is None else "benchmarks/deploy_parity.py",
              *(sys.argv[1:] if argv is None else argv)]),
         "dev": pairs.info, "targets": {"cosine_vs_fake_quant_min_mean": TARGET_COSINE, "abs_delta_acc_pt": TARGET_DACC},
