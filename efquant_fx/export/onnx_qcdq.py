@@ -29,6 +29,7 @@ from efquant_fx.export.onnx_rewrite import (
     drop_initializer_inputs,
     prelu_to_elementwise,
     set_batch_dim,
+    shorten_tensor_names,
 )
 from efquant_fx.export.parity import float_compute, op_counts, parity, runtime_op_counts
 from efquant_fx.export.reports import OnnxReport
@@ -129,6 +130,7 @@ def export_onnx_qcdq(
             activations_to_uint8(onnx_model)
             if prelu_to_elementwise(onnx_model):
                 notes.append("PRelu written as Mul/Max (bit-identical; onnxruntime's PRelu kernel is its slowest op)")
+        shorten_tensor_names(onnx_model)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, str(tmp))
     seconds = time.perf_counter() - t0

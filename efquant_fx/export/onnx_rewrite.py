@@ -177,3 +177,38 @@ def prelu_to_elementwise(model: onnx.ModelProto) -> int:
     for tensor in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(tensor)
     return changed
+
+
+def shorten_tensor_names(model: onnx.ModelProto) -> int:
+    """Rename internal tensors ``t0, t1, ...``; returns the bytes saved.
+
+    The exporter names each tensor after its trace path
+    (``/layers.0/weight_quant/export_handler_38/Constant_2_output_0``): on MobileFaceNet those
+    names were 6 % of the int8 file, more than its float biases and scales together. Graph inputs
+    and outputs keep their names (``data``, the embedding); node names, which say which layer an op
+    belongs to, are kept too.
+    """
+    graph = model.graph
+    before = model.ByteSize()
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    names: dict[str, str] = {}
+    used = keep | {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            new = f"t{len(names)}"
+            while new in used and new not in names:
+                new += "_"
+            names[name] = new
+        return names[name]
+
+    for tensor in graph.initializer:
+        tensor.name = short(tensor.name)
+    for node in graph.node:
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    for info in graph.value_info:
+        info.name = short(info.name)
+    return before - model.ByteSize()

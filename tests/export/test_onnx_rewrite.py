@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from efquant_fx.export.onnx_rewrite import prelu_to_elementwise
+from efquant_fx.export.onnx_rewrite import prelu_to_elementwise, shorten_tensor_names
 
 
 def prelu_graph(slope: np.ndarray) -> onnx.ModelProto:
@@ -61,3 +61,17 @@ def test_prelu_with_a_computed_slope_is_left_alone():
     model.graph.node[1].input[1] = "s2"
     assert prelu_to_elementwise(model) == 0
     assert [n.op_type for n in model.graph.node] == ["Neg", "PRelu"]
+
+
+def test_short_tensor_names_keep_io_names_values_and_shrink_the_file():
+    model = prelu_graph(np.array([0.1, 0.2]))
+    model.graph.initializer[0].name = "/layers.0/weight_quant/export_handler_38/Constant_2_output_0"
+    model.graph.node[0].input[1] = model.graph.initializer[0].name
+    x = np.random.default_rng(2).normal(size=(1, 2, 5, 5)).astype(np.float32)
+    want = run(model, x)
+    saved = shorten_tensor_names(model)
+    onnx.checker.check_model(model)
+    assert saved > 40 and model.graph.initializer[0].name == "t0"
+    assert [i.name for i in model.graph.input] == ["x"] and [o.name for o in model.graph.output] == ["y"]
+    assert model.graph.node[0].name == "act"  # node names say which layer: kept
+    assert np.array_equal(run(model, x), want)
