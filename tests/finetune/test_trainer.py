@@ -177,7 +177,7 @@ def test_sigint_writes_a_checkpoint_then_interrupts(ptq, tmp_path):
     def interrupt(model):  # evaluations run at steps 0 and 2; interrupt at step 2
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # synchronous: os.kill may land on a torch worker thread
         return {"score": 0.0}
 
     result = copy.deepcopy(ptq)
@@ -198,7 +198,7 @@ def test_sigterm_goes_to_the_callers_handler(ptq, tmp_path):
         def terminate(model):  # evaluations at steps 0 and 3; terminate at step 3
             calls.append(1)
             if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
             return {"score": 0.0}
 
         result = run(ptq, ft(steps=10, eval_every=3), out_dir=tmp_path, evaluator=terminate)
