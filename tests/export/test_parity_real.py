@@ -9,6 +9,7 @@ and change at most one pair's decision. ``benchmarks/deploy_parity.py`` measures
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from efquant_fx import compress
 from efquant_fx.export import export_model
 from efquant_fx.export.parity import cosine, run, session
-from tests.conftest import shared_dir
+from tests.conftest import REPO, shared_dir
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 POINTS = ["compute_input", "compute_output", "prelu", "residual_add"]
@@ -49,20 +50,16 @@ def pair_accuracy(emb: np.ndarray, left, right, issame) -> float:
 
 
 def teacher(name: str):
+    """The real teacher, loaded as the benchmarks load it (``benchmarks/_common.load_teacher``)."""
     models = shared_dir() / "models"
-    if name == "sface":
-        from efquant_fx.models.onnx_import import load_onnx_model
-
-        path = models / "sface" / "face_recognition_sface_2021dec_int8bq.onnx"
-        loader = (lambda: load_onnx_model(path)) if path.is_file() else None
-    else:
-        from efquant_fx.models.mxnet_import import load_mxnet_model
-
-        d = models / "insightface_mobilefacenet_y1"
-        loader = (lambda: load_mxnet_model(d / "model-symbol.json", d / "model-0000.params")) if d.is_dir() else None
-    if loader is None:
+    needed = {"sface": models / "sface" / "face_recognition_sface_2021dec_int8bq.onnx",
+              "mobilefacenet": models / "insightface_mobilefacenet_y1"}[name]
+    if not needed.exists():
         pytest.skip(f"{name} weights not under {models}")
-    return loader().eval()
+    spec = importlib.util.spec_from_file_location("benchmarks_common", REPO / "benchmarks" / "_common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    return common.load_teacher(name, shared_dir())
 
 
 def embed(fn, x: torch.Tensor, batch: int = 64) -> np.ndarray:
