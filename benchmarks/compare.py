@@ -402,7 +402,7 @@ def run_row(key: str, teacher, args, rules: list[str], model_name: str, calib_ba
 
 def calibration_batches(shared: Path, n: int, batch: int):
     """The seeded calibration images every PTQ baseline sees (what ``compress`` draws for its recipes)."""
-    from efquant_fx.api import calibration_batches as draw
+    from efquant_fx.data.calibration import calibration_batches as draw
     from efquant_fx.recipe import DataSpec
 
     root = shared / "data" / "lfw112"

@@ -172,7 +172,7 @@ def run_model(name: str, args: argparse.Namespace, pairs: Pairs) -> dict[str, An
     import torch
 
     from efquant_fx import compress
-    from efquant_fx.api import calibration_batches
+    from efquant_fx.data.calibration import calibration_batches
     from efquant_fx.export import export_model
     from efquant_fx.export.bn_fold import fold_quantized_batchnorm
     from efquant_fx.export.requant import add_output_points

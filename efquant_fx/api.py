@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from efquant_fx.data.calibration import as_batches, calibration_batches
 from efquant_fx.errors import EfquantError
 from efquant_fx.graph import calibrate as calib
 from efquant_fx.graph import ptq
@@ -29,7 +30,7 @@ from efquant_fx.graph.report import (
 )
 from efquant_fx.graph.trace import trace
 from efquant_fx.models.loader import load_model
-from efquant_fx.recipe import DataSpec, Recipe, load_recipe
+from efquant_fx.recipe import Recipe, load_recipe
 from efquant_fx.result import CompressionResult
 
 
@@ -39,44 +40,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _batches_from(data: torch.Tensor | Iterable[Any], batch_size: int, limit: int) -> list[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        data = data[:limit]
-        return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
-    out, n = [], 0
-    for item in data:
-        x = item[0] if isinstance(item, list | tuple) else item
-        x = x[: limit - n]
-        out.append(x)
-        n += x.shape[0]
-        if n >= limit:
-            break
-    return out
-
-
-def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
-                        teacher: nn.Module | None = None) -> list[torch.Tensor]:
-    """Images for calibration as a list of batches (kept in memory: a few hundred 112x112 images)."""
-    if spec.kind == "random":
-        g = torch.Generator().manual_seed(seed)
-        n = spec.n or images
-        x = torch.rand(min(n, images), 3, 112, 112, generator=g) * 2 - 1
-        return _batches_from(x, batch_size, images)
-    if spec.kind == "synthetic":  # data-free: invert the teacher's BatchNorm statistics (cached on disk)
-        from efquant_fx.data.synthetic import synthetic_dataset
-
-        dataset, _report = synthetic_dataset(spec.model_dump(exclude_none=True), teacher, n_default=images,
-                                             seed=seed, train=False, prefix="calibration.data")
-        return _batches_from(dataset.images, batch_size, images)
-    from efquant_fx.data import build_dataset  # the data stage; only needed for real images
-
-    dataset, _report = build_dataset(spec.dataset_fields(), train=False, prefix="calibration.data")
-    # a seeded shuffle, so a few hundred calibration images span many identities
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
-    return _batches_from(loader, batch_size, images)
 
 
 def rewrite_graph(
@@ -181,7 +144,7 @@ def compress(
     try:
         t0 = time.perf_counter()
         if calibration_data is not None:
-            batches = _batches_from(calibration_data, cal.batch_size, cal.images)
+            batches = as_batches(calibration_data, cal.batch_size, cal.images)
         else:
             batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher)
             if cal.data.kind == "random":

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from efquant_fx.errors import RecipeError
+from efquant_fx.files import atomic_write_bytes
 
 RECIPE_VERSION = 1
 Bits = int
@@ -212,7 +213,6 @@ class Recipe(_Strict):
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved recipe atomically (temp file + rename; see :func:`atomic_write_bytes`)."""
-        from efquant_fx.result import atomic_write_bytes  # result.py imports this module
 
         return atomic_write_bytes(Path(path), self.to_yaml().encode("utf-8"))
 

@@ -3,66 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from efquant_fx.errors import EfquantError
+from efquant_fx.files import FileWriteError, atomic_torch_save, atomic_write_bytes
 from efquant_fx.recipe import Recipe
 
-
-class FileWriteError(EfquantError, OSError):
-    """A file could not be written (disk full, quota, permissions): one line naming the file.
-
-    Also an ``OSError`` (with the original ``errno`` and ``strerror``), so callers that already
-    explain a failed write in their own words, such as the fine-tune checkpoints, keep doing so.
-    """
-
-    def __init__(self, message: str, *, source: str | None = None, field: str | None = None,
-                 errno: int | None = None, strerror: str | None = None):
-        super().__init__(message, source=source, field=field)
-        self.errno, self.strerror = errno, strerror
-
-    def __str__(self) -> str:  # OSError would print "[Errno 28] ..." instead of the message
-        return str(self.args[0]) if self.args else ""
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` then rename ``tmp`` over ``path``: ``path`` is either the previous file or the
-    complete new one, never half written, and the temp file never stays behind. A failed write
-    (``OSError``: disk full, quota, permissions) is a :class:`FileWriteError` naming ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not isinstance(exc, OSError) or isinstance(exc, EfquantError):
-            raise
-        kept = f"the previous {path.name} is intact" if path.is_file() else "nothing was written"
-        raise FileWriteError(f"cannot write the file ({exc.strerror or exc}); {kept}", source=str(path),
-                             errno=exc.errno, strerror=exc.strerror) from None
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`_atomic_write`)."""
-    return _atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file then rename: a crash never leaves a truncated checkpoint, and a
-    failed write (disk full) leaves the previous file and no temp file (a :class:`FileWriteError`)."""
-    return _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+__all__ = ["CompressionResult", "FileWriteError", "atomic_torch_save", "atomic_write_bytes"]
 
 
 @dataclass

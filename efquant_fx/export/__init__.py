@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from efquant_fx.data.calibration import as_batches, calibration_batches
 from efquant_fx.errors import EfquantError
 from efquant_fx.export.files import atomic_write_text, output_dir
 from efquant_fx.export.onnx_float import export_float_onnx
@@ -45,11 +46,9 @@ __all__ = [
 
 def _calibration(result: Any, calibration: torch.Tensor | Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
     """The given batches, or the recipe's calibration images rebuilt (same seed as ``compress()``)."""
-    from efquant_fx.api import _batches_from, calibration_batches
-
     cal = result.recipe.calibration
     if calibration is not None:
-        batches = _batches_from(calibration, cal.batch_size, cal.images)
+        batches = as_batches(calibration, cal.batch_size, cal.images)
     else:
         batches = calibration_batches(cal.data, cal.images, cal.batch_size, result.recipe.seed)
     batches = [b.detach().float().cpu() for b in batches]

@@ -5,9 +5,8 @@
 :mod:`efquant_fx.finetune.losses`.
 """
 
+from efquant_fx.data.training import RandomFaceDataset, build_training_data
 from efquant_fx.finetune.trainer import (
-    RandomFaceDataset,
-    build_training_data,
     fidelity_evaluator,
     finetune,
     lr_factor,

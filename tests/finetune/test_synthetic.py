@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from efquant_fx import EfquantError, compress
-from efquant_fx.api import calibration_batches
+from efquant_fx.data.calibration import calibration_batches
 from efquant_fx.data.synthetic import SyntheticDataset, bn_statistics_loss, synthesize, weights_hash
 from efquant_fx.graph.trace import trace
 from efquant_fx.recipe import DataSpec
