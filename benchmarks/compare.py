@@ -360,7 +360,7 @@ def run_row(key: str, teacher, args, rules: list[str], model_name: str, calib_ba
     if key == "teacher":
         model, row["size_bytes"] = teacher, float_size_bytes(teacher)
     elif key.startswith("torchao"):
-        from efquant_fx.export.torch_int8 import default_ptq
+        from baselines import default_ptq
 
         model = default_ptq(teacher, calib_batches, engine="x86", keep_prelu_float=key.endswith("fprelu"))
         row["size_bytes"] = state_dict_bytes(model)

@@ -3,7 +3,7 @@
 ``efquant-fx apply`` and :meth:`CompressionResult.save` leave ``recipe.yaml`` (resolved),
 ``compression.json`` (per-layer report) and ``model.pt`` (the compressed state dict). A state dict
 needs the graph it came from, so :func:`load_result` rebuilds the teacher from the recipe's model
-spec, replays the structural steps of :func:`~efquant_fx.compress` (:func:`efquant_fx.api.rewrite_graph`:
+spec, replays the structural passes of :func:`~efquant_fx.compress` (:func:`efquant_fx.graph.passes.replay_passes`:
 pruning, BN folding, equalization, quantizer insertion) and loads ``model.pt`` strictly. Nothing
 data-driven is rerun (calibration, GPTQ, bias correction, fine-tuning): their effect is in the
 state dict. This is what ``efquant-fx eval`` and ``efquant-fx export`` start from.
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from efquant_fx.api import rewrite_graph
 from efquant_fx.errors import EfquantError
 from efquant_fx.graph.modules import ActQuant
+from efquant_fx.graph.passes import replay_passes
 from efquant_fx.graph.report import compressed_size_bytes, float_size_bytes, layer_table, summarize
 from efquant_fx.graph.state import fit_to_state
 from efquant_fx.graph.trace import trace
@@ -30,10 +30,7 @@ from efquant_fx.models.checkpoint import check_state_dict, read_state_dict
 from efquant_fx.models.loader import load_model
 from efquant_fx.recipe import load_recipe
 from efquant_fx.result import CompressionResult
-
-RECIPE_FILE = "recipe.yaml"
-REPORT_FILE = "compression.json"
-STATE_FILE = "model.pt"
+from efquant_fx.rundir import RECIPE_FILE, REPORT_FILE, STATE_FILE
 
 
 def _read_report(path: Path) -> dict[str, Any]:
@@ -104,7 +101,7 @@ def load_result(
     device = torch.device(device)
     teacher = _teacher(recipe_path, recipe, model, weights).eval().to(device)
     gm = trace(copy.deepcopy(teacher), recipe.model.leaf_modules)
-    gm, plans = rewrite_graph(gm, recipe, device=device)
+    gm, plans = replay_passes(gm, recipe, device=device)
     fit_to_state(gm, state)
     problems = check_state_dict(gm, state)
     if problems:

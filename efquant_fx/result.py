@@ -11,6 +11,7 @@ from torch import nn
 
 from efquant_fx.files import FileWriteError, atomic_torch_save, atomic_write_bytes
 from efquant_fx.recipe import Recipe
+from efquant_fx.rundir import RECIPE_FILE, REPORT_FILE, STATE_FILE
 
 __all__ = ["CompressionResult", "FileWriteError", "atomic_torch_save", "atomic_write_bytes"]
 
@@ -74,7 +75,7 @@ class CompressionResult:
         """Write ``recipe.yaml`` (resolved), ``compression.json`` and ``model.pt`` (state dict), atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.recipe.save(out / "recipe.yaml")
-        atomic_write_bytes(out / "compression.json", json.dumps(self.to_dict(), indent=2, default=str).encode())
-        atomic_torch_save(self.model.state_dict(), out / "model.pt")
+        self.recipe.save(out / RECIPE_FILE)
+        atomic_write_bytes(out / REPORT_FILE, json.dumps(self.to_dict(), indent=2, default=str).encode())
+        atomic_torch_save(self.model.state_dict(), out / STATE_FILE)
         return out

@@ -105,11 +105,10 @@ def set_batch_dim(model: onnx.ModelProto, name: str = "N") -> None:
 def prelu_to_elementwise(model: onnx.ModelProto) -> int:
     """Replace every ``PRelu(x, s)`` by bit-identical elementwise ops; returns how many changed.
 
-    onnxruntime's CPU ``PRelu`` is a slow broadcasting kernel: on MobileFaceNet int8 at batch 32 its
-    33 PReLUs took 70 % of the run, against 13 % for all the ``QLinearConv``; ``Mul`` by a
-    per-channel constant and ``Max`` of two tensors are its fast paths. With every slope <= 1,
-    ``PRelu(x) = Max(x, s * x)`` (3x faster on a 32x64x56x56 tensor). Trained face backbones have a
-    few slopes > 1 in most layers (MobileFaceNet y1: 26 of 33 layers); there, with ``d = -1`` on
+    onnxruntime's CPU ``PRelu`` is a slow broadcasting kernel (profiled: it dominated MobileFaceNet's
+    int8 run); ``Mul`` by a per-channel constant and ``Max`` of two tensors are its fast paths. With
+    every slope <= 1, ``PRelu(x) = Max(x, s * x)``. Trained face backbones have a few slopes > 1 in
+    most layers; there, with ``d = -1`` on
     those channels and ``+1`` elsewhere, ``PRelu(x) = d * Max(d * x, (d * s) * x)``. Both are exact:
     the products are PRelu's own ``s * x`` up to sign flips, which round nothing.
     Slopes that are not constants (initializers, possibly behind ``Identity`` nodes, which the

@@ -169,10 +169,10 @@ def _float_model(source: ModelSource, meta: dict[str, Any], path: Path) -> nn.Mo
 
 def rebuild_graph(float_model: nn.Module, recipe: Recipe) -> fx.GraphModule:
     """The compressed graph's structure without any data-dependent step (shared with ``compress()``)."""
-    from efquant_fx.api import rewrite_graph
+    from efquant_fx.graph.passes import replay_passes
     from efquant_fx.graph.trace import trace
 
-    gm, _plans = rewrite_graph(trace(float_model, recipe.model.leaf_modules), recipe)
+    gm, _plans = replay_passes(trace(float_model, recipe.model.leaf_modules), recipe)
     return gm.eval()
 
 

@@ -20,15 +20,14 @@ the Linear's input point), the later point is lowered as a requantization
 (``dequantize -> quantize_per_tensor``) so both grids stay as the compressed model has them.
 
 PReLU: lowered the stock way (``nnq.PReLU.from_float``, slopes on their min/max quint8 grid) it
-gives wrong values (cosine 0.04 on arcface_r18), so PReLU is first kept float (:class:`FloatPReLU`)
+gives wrong values, so PReLU is first kept float (:class:`FloatPReLU`)
 and afterwards each ``dequantize -> FloatPReLU -> quantize`` is replaced by ``quantized::prelu``
 with the slopes on a grid where 1.0 is exact (:func:`quantize_prelu`, :func:`lower_prelu`). The
 kernel multiplies the positive side by the quantized 1.0 of the slopes' grid; on a min/max grid of
 slopes below 1.0 that saturates to the largest slope, which is the bug (the per-channel slopes
 themselves are applied right). On a 1.0-exact grid it is one integer multiply-add and one
-requantization, 2-3x faster than the float round trip (MobileFaceNet batch 32: int8 0.6x -> 0.3x of
-fp32). A PReLU whose slopes sit too coarsely on such a grid, or whose input scale is not static,
-stays float.
+requantization, faster than the float round trip. A PReLU whose slopes sit too coarsely on such a
+grid, or whose input scale is not static, stays float.
 """
 
 from __future__ import annotations
@@ -204,8 +203,8 @@ def pick_engine() -> str:
     """'onednn' on CPUs with AVX-512 VNNI, else 'x86' (else what the build has).
 
     'x86' itself sends grouped convolutions to oneDNN on VNNI CPUs but keeps depthwise ones on
-    fbgemm, which is 2x slower than oneDNN for 3x3 depthwise and 40x for MobileFaceNet's 7x7
-    global depthwise head; the 'fbgemm' engine saturates u8*s8 products without reduce_range.
+    fbgemm, which is much slower there (above all on MobileFaceNet's 7x7 global depthwise head);
+    the 'fbgemm' engine saturates u8*s8 products without reduce_range.
     """
     engines = torch.backends.quantized.supported_engines
     for engine in (("onednn",) if _has_vnni() else ()) + ("x86", "fbgemm", "qnnpack"):
@@ -464,42 +463,6 @@ def lower(model: nn.Module, batches: Sequence[torch.Tensor], *, engine: str | No
                      requantized=len(requant & used), float_ops=len(float_modules), points=len(points),
                      unused_points=sorted(set(points) - used))
     return q
-
-
-def default_ptq(model: nn.Module, batches: Sequence[torch.Tensor], *, engine: str = "x86",
-                keep_prelu_float: bool = True) -> fx.GraphModule:
-    """Plain torch.ao FX post-training quantization of a *float* model: the baseline a user gets from
-    ``get_default_qconfig_mapping(engine)`` + ``prepare_fx`` / calibrate / ``convert_fx`` (8-bit,
-    per-channel weights, histogram activation observers; on x86 ``reduce_range`` activations, BN fused).
-
-    ``keep_prelu_float`` swaps PReLU for :class:`FloatPReLU` first, as :func:`lower` does: torch 2.13's
-    stock PReLU lowering gives wrong values (see the module docstring), so the stock mapping would
-    measure that bug. Unlike :func:`lower`, the float PReLU are not replaced afterwards.
-    """
-    if engine not in torch.backends.quantized.supported_engines:
-        engine = pick_engine()
-    if not batches:
-        raise EfquantError("torch.ao PTQ needs calibration batches", field="calibration")
-    torch.backends.quantized.engine = engine
-    from efquant_fx.graph.quantize import set_module
-    from efquant_fx.graph.trace import trace
-
-    gm = copy.deepcopy(model).cpu().eval()
-    gm = gm if isinstance(gm, fx.GraphModule) else trace(gm)
-    if keep_prelu_float:
-        for name, m in list(gm.named_modules()):
-            if isinstance(m, nn.PReLU):
-                set_module(gm, name, FloatPReLU(m.weight))
-        gm.recompile()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        custom = PrepareCustomConfig().set_non_traceable_module_classes([FloatPReLU])
-        prepared = prepare_fx(gm, get_default_qconfig_mapping(engine), (batches[0][:1].cpu(),),
-                              prepare_custom_config=custom)
-        with torch.no_grad():
-            for x in batches:
-                prepared(x.cpu())
-        return convert_fx(prepared)
 
 
 def module_census(model: nn.Module) -> tuple[int, dict[str, int]]:

@@ -2,8 +2,8 @@
 
 BatchNorm folding comes from ``torch.fx.experimental.optimization.fuse``; equalization, bias
 correction and GPTQ from Brevitas. BatchNorms with no conv/linear in front of them (the
-pre-activation ``bn1`` of every insightface block and the head ``bn2``: 50 of 154 in r100) cannot
-be folded exactly (zero padding of the next conv) and stay float; :func:`bn_coverage` reports them.
+pre-activation ``bn1`` of every insightface block and the head ``bn2``) cannot be folded exactly
+(zero padding of the next conv) and stay float; the layer report counts them.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ def fold_batchnorm(gm: fx.GraphModule) -> fx.GraphModule:
 
     gm.eval()
     return fuse(gm, inplace=True, no_trace=True)
-
-
-def bn_coverage(gm: nn.Module) -> dict[str, int]:
-    return {"batchnorm_float": sum(isinstance(m, _BN) for m in gm.modules())}
 
 
 def cross_layer_equalization(gm: fx.GraphModule, iterations: int) -> fx.GraphModule:
@@ -82,8 +78,8 @@ class _Hidden(nn.Module):
 @torch.no_grad()
 def gptq(gm: fx.GraphModule, batches: Sequence[torch.Tensor], exclude: Sequence[str] = ("^fc$",),
          act_order: bool = True, device: torch.device | str = "cpu") -> list[str]:
-    """Brevitas GPTQ over the quantized layers, skipping ``exclude`` (the 25088-input ``fc`` by
-    default: its Hessian alone is 2.5 GB and the solve takes > 10 min on CPU)."""
+    """Brevitas GPTQ over the quantized layers, skipping ``exclude`` (by default the 25088-input
+    ``fc``, whose Hessian alone is larger than the rest of the model's together)."""
     from brevitas.graph.gptq import gptq_mode
     from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 

@@ -190,6 +190,3 @@ def check_coverage(gm: fx.GraphModule, plans: dict[str, LayerPlan], cfg: QuantCo
     if problems:
         raise CoverageError("quantization coverage check failed: " + "; ".join(problems), field="quant")
 
-
-def act_points(model: nn.Module) -> dict[str, ActQuant]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, ActQuant)}

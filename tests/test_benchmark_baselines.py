@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from efquant_fx import EfquantError
-from efquant_fx.export.torch_int8 import FloatPReLU, default_ptq, module_census
+from efquant_fx.export.torch_int8 import FloatPReLU, module_census
+
+_spec = importlib.util.spec_from_file_location(
+    "benchmarks_baselines", Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py")
+_baselines = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_baselines)
+default_ptq = _baselines.default_ptq
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
