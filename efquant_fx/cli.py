@@ -149,7 +149,7 @@ def apply_cmd(
 ) -> None:
     """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory."""
     from efquant_fx.pipeline import check_writable, run_recipe
-    from efquant_fx.recipe import load_recipe
+    from efquant_fx.recipe import load_recipe, with_image_source
 
     overrides = list(set_)
     if model:
@@ -158,7 +158,7 @@ def apply_cmd(
         overrides.append(f"model.weights={weights}")
     spec = load_recipe(recipe, overrides)
     if data is not None:
-        spec = _with_data(spec, data)
+        spec = with_image_source(spec, data)
     check_writable(out)
     report = run_recipe(spec, out_dir=out, resume=resume, progress=console.is_terminal)
     result = report.result
@@ -373,26 +373,6 @@ def export_cmd(
     console.print(_export_table(reports, title=f"{run_dir} -> {out}"))
     _print_export_notes(reports)
     console.print(f"manifest: {reports['manifest']}", markup=False)
-
-
-def _with_data(spec, data: Path):
-    """Point calibration (and fine-tuning) at the user's images, keeping the recipe's subset settings."""
-    from efquant_fx.recipe import load_recipe
-
-    if data.is_dir():
-        source = {"kind": "folder", "root": str(data)}
-    elif data.is_file():
-        source = {"kind": "list", "list": str(data), "root": str(data.parent)}
-    else:
-        raise EfquantError("not found", source=str(data), field="--data")
-    kept = ("verify", "flip", "max_images", "max_identities", "min_images_per_identity", "seed")
-    raw = spec.to_dict()
-    for section in ("calibration", "finetune"):
-        if raw.get(section) is None:
-            continue
-        old = raw[section].get("data") or {}
-        raw[section]["data"] = {**{k: old[k] for k in kept if old.get(k) is not None}, **source}
-    return load_recipe(raw)
 
 
 def run() -> None:  # pragma: no cover - console script entry

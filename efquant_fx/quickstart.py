@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.pipeline import check_writable, run_recipe
+from efquant_fx.files import atomic_write_text, check_writable
+from efquant_fx.pipeline import run_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANTS = ("w8a8", "w4a4")
@@ -89,8 +90,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", data: str | Path | N
         row["ptq_cosine_heldout_calibration"] = result.ptq_fidelity.get("cosine_mean")
         row["finetuned_cosine_heldout_calibration"] = result.fidelity.get("cosine_mean")
         rows[variant] = row
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps({"rows": rows, "data": str(data) if data else "synthetic (data-free)",
-                               "torch": torch.__version__}, indent=2, default=str))
-    tmp.replace(out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps({"rows": rows, "data": str(data) if data else
+                                                        "synthetic (data-free)", "torch": torch.__version__},
+                                                       indent=2, default=str))
     return rows

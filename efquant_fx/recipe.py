@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from efquant_fx.errors import RecipeError
+from efquant_fx.errors import EfquantError, RecipeError
 from efquant_fx.files import atomic_write_bytes
 
 RECIPE_VERSION = 1
@@ -36,7 +36,10 @@ class _Strict(BaseModel):
 class DataSpec(_Strict):
     """Where images come from. ``random`` is only for smoke tests (no faces involved)."""
 
-    kind: Literal["folder", "list", "recordio", "synthetic", "random"] = "random"
+    kind: str = Field(
+        default="random", description="a registered data kind: folder, list, recordio (face images), synthetic "
+        "(made from the teacher), random (noise), or one a plugin registered with register_dataset_kind",
+    )
     root: str | None = None
     list: str | None = None
     idx: str | None = Field(default=None, description="RecordIO index (default: beside the .rec)")
@@ -52,9 +55,25 @@ class DataSpec(_Strict):
     steps: int | None = Field(default=None, ge=1, description="optimisation steps per batch for synthetic images")
     seed: int | None = None
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v: str) -> str:
+        from pydantic_core import PydanticCustomError
+
+        from efquant_fx.data.registry import is_dataset_kind, list_dataset_kinds  # imports the built-in kinds
+
+        if not is_dataset_kind(v):
+            kinds = [repr(k) for k in list_dataset_kinds()]
+            known = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else "".join(kinds)
+            raise PydanticCustomError("data_kind", "Input should be a registered data kind: {known}", {"known": known})
+        return v
+
     def dataset_fields(self) -> dict[str, Any]:
-        """The keys :func:`efquant_fx.data.build_dataset` takes (it calls ``verify`` ``validate``)."""
-        fields = self.model_dump(exclude_none=True, exclude={"n", "cache", "steps"})
+        """The spec :func:`efquant_fx.data.build_data` takes (it calls ``verify`` ``validate``); ``n``,
+        ``cache`` and ``steps`` only for kinds that take them."""
+        from efquant_fx.data.registry import get_dataset_kind
+
+        fields = self.model_dump(exclude_none=True, exclude={"n", "cache", "steps"} - get_dataset_kind(self.kind).keys)
         if "verify" in fields:
             fields["validate"] = fields.pop("verify")
         return fields
@@ -470,3 +489,23 @@ def load_recipe(
             raise RecipeError([f"{source}: <root>: expected a mapping of recipe sections"])
         data = apply_overrides(data, overrides)
     return validate_recipe(data, source)
+
+
+def with_image_source(recipe: Recipe, data: str | Path, field: str = "--data") -> Recipe:
+    """The recipe with calibration (and fine-tune) images read from ``data`` (a folder, or a list
+    file whose paths are relative to its folder), keeping the recipe's subset settings."""
+    data = Path(data)
+    if data.is_dir():
+        source: dict[str, Any] = {"kind": "folder", "root": str(data)}
+    elif data.is_file():
+        source = {"kind": "list", "list": str(data), "root": str(data.parent)}
+    else:
+        raise EfquantError("not found", source=str(data), field=field)
+    kept = ("verify", "flip", "max_images", "max_identities", "min_images_per_identity", "seed")
+    raw = recipe.to_dict()
+    for section in ("calibration", "finetune"):
+        if raw.get(section) is None:
+            continue
+        old = raw[section].get("data") or {}
+        raw[section]["data"] = {**{k: old[k] for k in kept if old.get(k) is not None}, **source}
+    return load_recipe(raw)

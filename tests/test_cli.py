@@ -236,16 +236,15 @@ def test_export_config_matches_export_model():
 
 
 def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_path):
-    from efquant_fx.cli import _with_data
-    from efquant_fx.recipe import load_recipe
+    from efquant_fx.recipe import load_recipe, with_image_source
 
     spec = load_recipe(REPO / "recipes" / "mobilefacenet_w8a8.yaml")  # list-file data with max_images
     faces = tmp_path / "faces"
     faces.mkdir()
-    out = _with_data(spec, faces)
+    out = with_image_source(spec, faces)
     for section in (out.calibration, out.finetune):
         assert section.data.kind == "folder" and section.data.root == str(faces) and section.data.list is None
     assert out.finetune.data.max_images == spec.finetune.data.max_images
     listfile = tmp_path / "train.txt"
     listfile.write_text("a.jpg\t0\n")
-    assert _with_data(spec, listfile).finetune.data.list == str(listfile)
+    assert with_image_source(spec, listfile).finetune.data.list == str(listfile)

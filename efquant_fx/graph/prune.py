@@ -245,6 +245,25 @@ def _pruner_class(tp) -> type:
     return _Pruner
 
 
+def _check_channel_args(model: nn.Module, ratio: float, example_input: Tensor, round_to: int,
+                        importance: str) -> None:
+    _check_fraction(ratio, "ratio")
+    if importance not in _IMPORTANCE_P:
+        known = ", ".join(_IMPORTANCE_P)
+        raise EfquantError(f"unknown importance {importance!r}; known: {known}", field="importance")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise EfquantError(f"must be an integer >= 1, got {round_to!r}", field="round_to")
+    if not isinstance(example_input, Tensor):
+        raise EfquantError(f"expected a tensor, got {type(example_input).__name__}", field="example_input")
+    masked = [n for n, m in model.named_modules() if _is_masked(m)]
+    if masked:
+        raise EfquantError(
+            f"{len(masked)} layers carry unstructured pruning masks (first: {masked[0]}); "
+            "call make_pruning_permanent(model) first",
+            field="model",
+        )
+
+
 def prune_channels(
     model: nn.Module,
     ratio: float,
@@ -275,21 +294,7 @@ def prune_channels(
     """
     import torch_pruning as tp
 
-    _check_fraction(ratio, "ratio")
-    if importance not in _IMPORTANCE_P:
-        known = ", ".join(_IMPORTANCE_P)
-        raise EfquantError(f"unknown importance {importance!r}; known: {known}", field="importance")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise EfquantError(f"must be an integer >= 1, got {round_to!r}", field="round_to")
-    if not isinstance(example_input, Tensor):
-        raise EfquantError(f"expected a tensor, got {type(example_input).__name__}", field="example_input")
-    masked = [n for n, m in model.named_modules() if _is_masked(m)]
-    if masked:
-        raise EfquantError(
-            f"{len(masked)} layers carry unstructured pruning masks (first: {masked[0]}); "
-            "call make_pruning_permanent(model) first",
-            field="model",
-        )
+    _check_channel_args(model, ratio, example_input, round_to, importance)
     excluded = _excluded_modules(model, exclude)
 
     modes = {m: m.training for m in model.modules()}
