@@ -27,14 +27,10 @@ The result is made of standard modules (``nn.Conv2d``, ``nn.BatchNorm2d/1d``, ``
 
 Any truncation, bad magic, odd dtype or count mismatch raises :class:`EfquantError`.
 
-Input convention (same policy as :mod:`efquant_fx.models.onnx_import`)
-------------------------------------------------------------------------
-By default (``normalized_input=True``) the module takes RGB ``(x - 127.5) / 127.5``. insightface
-symbols start with ``_minus_scalar 127.5`` / ``_mul_scalar 0.0078125`` on raw 0..255 pixels; that
-leading scalar chain is removed and replaced by the equivalent affine on our input
-(``0.99609375 * x`` for MobileFaceNet y1), so outputs equal the original on raw pixels. A symbol
-without such a chain is assumed to take normalised input. ``normalized_input=False`` keeps the
-symbol's own convention. Channel order is unchanged (insightface models are RGB).
+Input convention (:mod:`efquant_fx.models.import_common`): with ``normalized_input=True``
+insightface's leading ``_minus_scalar 127.5`` / ``_mul_scalar 0.0078125`` on raw pixels is replaced
+by the equivalent affine on our ``(x - 127.5) / 127.5`` input. Ops dispatch through ``_HANDLERS``,
+one short function per op.
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from __future__ import annotations
 import json
 import operator
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +48,17 @@ import torch.fx as fx
 from torch import nn
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.models.onnx_import import (
-    _affine_to_normalized,
-    _attach,
-    _batchnorm,
-    _emit_affine,
-    _GraphBuilder,
-    _prelu,
-    _preprocessing_meta,
-    _tensor,
+from efquant_fx.models.import_common import (
+    GraphBuilder,
+    affine_step,
+    batchnorm_module,
+    conv2d_module,
+    converting,
+    emit_normalized_input,
+    linear_module,
+    prelu_module,
+    preprocessing_meta,
+    unsupported_ops_error,
 )
 
 __all__ = ["load_mxnet_model", "read_mxnet_params"]
@@ -192,13 +191,14 @@ def _bool(v: Any, default: bool) -> bool:
     return default if v is None else str(v).strip().lower() in ("true", "1")
 
 
-_SCALAR_OPS = {"_minus_scalar", "_plus_scalar", "_mul_scalar", "_div_scalar", "_rminus_scalar"}
-_IDENTITY_OPS = {"Dropout", "BlockGrad", "_copy", "identity", "stop_gradient", "Cast"}
-_ADD_OPS = {"elemwise_add", "_plus", "_Plus", "broadcast_add", "_add"}
-_SUPPORTED = {
-    "Convolution", "BatchNorm", "LeakyReLU", "Activation", "FullyConnected", "Flatten", "Pooling",
-    "Reshape", "Concat", "elemwise_sub", "elemwise_mul", "broadcast_sub", "broadcast_mul", "add_n",
-    "ElementWiseSum", "clip", "SoftmaxActivation", *_SCALAR_OPS, *_IDENTITY_OPS, *_ADD_OPS,
+# _*_scalar op -> affine_step kind, for the input-normalisation chain
+_SCALAR_STEP = {"_minus_scalar": "sub", "_plus_scalar": "add", "_mul_scalar": "mul", "_div_scalar": "div",
+                "_rminus_scalar": "rsub"}
+_IDENTITY_OPS = ("Dropout", "BlockGrad", "_copy", "identity", "stop_gradient", "Cast")
+_BINARY_OPS = {
+    **dict.fromkeys(("elemwise_add", "_plus", "_Plus", "broadcast_add", "_add"), operator.add),
+    "elemwise_sub": operator.sub, "broadcast_sub": operator.sub,
+    "elemwise_mul": operator.mul, "broadcast_mul": operator.mul,
 }
 
 
@@ -210,14 +210,20 @@ class _MxConverter:
         self.params = {**args, **aux}
         self.sym_path, self.params_path = sym_path, params_path
         self.normalized_input = normalized_input
-        self.b = _GraphBuilder()
+        self.b = GraphBuilder()
         self.values: dict[int, fx.Node] = {}
         self.rank: dict[int, int | None] = {}
         self.consumers: dict[int, list[int]] = {}
 
+    # -- helpers -------------------------------------------------------------------------------
+    def name(self, idx: int) -> str:
+        return self.nodes[idx]["name"]
+
+    def label(self, idx: int) -> str:
+        return f"{self.nodes[idx]['op']} node '{self.name(idx)}'"
+
     def err(self, msg: str, idx: int) -> EfquantError:
-        node = self.nodes[idx]
-        return EfquantError(msg, source=self.sym_path, field=f"{node['op']} node '{node['name']}'")
+        return EfquantError(msg, source=self.sym_path, field=self.label(idx))
 
     @staticmethod
     def attrs(node: dict[str, Any]) -> dict[str, Any]:
@@ -235,18 +241,46 @@ class _MxConverter:
     def data(self, idx: int, pos: int = 0) -> tuple[fx.Node, int | None]:
         src, out, *_ = self.nodes[idx]["inputs"][pos]
         if out != 0:
-            src_name = self.nodes[src]["name"]
-            raise self.err(f"uses output {out} of node '{src_name}' (only output 0 is supported)", idx)
+            raise self.err(f"uses output {out} of node '{self.name(src)}' (only output 0 is supported)", idx)
         if src not in self.values:
-            src_name = self.nodes[src]["name"]
-            raise self.err(f"input '{src_name}' is not a tensor computed from the data input", idx)
+            raise self.err(f"input '{self.name(src)}' is not a tensor computed from the data input", idx)
         return self.values[src], self.rank.get(src)
 
+    def module(self, idx: int, mod: nn.Module, x: fx.Node) -> fx.Node:
+        return self.b.module(self.name(idx), mod, x)
+
+    # -- top level -----------------------------------------------------------------------------
     def convert(self) -> fx.GraphModule:
         if len(self.heads) != 1:
             raise EfquantError(f"expected one output head, found {len(self.heads)}", source=self.sym_path,
                                field="heads")
         head = self.heads[0][0]
+        order = self._live_nodes(head)
+        inp = self._data_input(order)
+        in_name = self.name(inp)
+        self.values[inp] = self.b.placeholder(in_name)
+        self.rank[inp] = 4
+
+        chain, scale, offset, last = self._input_affine(inp)
+        if self.normalized_input and chain:
+            self.values[last] = emit_normalized_input(self.b, self.values[inp], scale, offset)
+            self.rank[last] = 4
+        skip = set(chain) if self.normalized_input else set()
+        for i in order:
+            if self.nodes[i]["op"] == "null" or i in skip:
+                continue
+            with converting(lambda msg, i=i: self.err(msg, i)):
+                self.values[i], self.rank[i] = self._convert(i)
+        if head not in self.values:
+            raise EfquantError("the output head does not depend on the data input", source=self.sym_path,
+                               field="heads")
+        meta = preprocessing_meta([self.nodes[i]["op"] for i in chain], scale, offset, self.normalized_input,
+                                  bool(skip))
+        return self.b.finish(self.values[head], input_name=in_name, output_name=self.name(head),
+                             meta_preprocessing=meta)
+
+    def _live_nodes(self, head: int) -> list[int]:
+        """Indices of the nodes the head depends on, in file (topological) order; every op checked."""
         live: set[int] = set()
         stack = [head]
         while stack:
@@ -261,50 +295,23 @@ class _MxConverter:
         bad: dict[str, list[str]] = {}
         for i in order:
             op = self.nodes[i]["op"]
-            if op != "null" and op not in _SUPPORTED:
-                bad.setdefault(op, []).append(self.nodes[i]["name"])
+            if op != "null" and op not in _HANDLERS:
+                bad.setdefault(op, []).append(self.name(i))
         if bad:
-            parts = [f"{op} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
-                     for op, names in bad.items()]
-            raise EfquantError(f"unsupported MXNet op(s): {'; '.join(parts)}", source=self.sym_path,
-                               field="nodes")
-        inputs = [i for i in order
-                  if self.nodes[i]["op"] == "null" and self.nodes[i]["name"] not in self.params]
-        if len(inputs) > 1 and any(self.nodes[i]["name"] == "data" for i in inputs):
+            raise unsupported_ops_error("MXNet", bad, source=self.sym_path, field="nodes")
+        return order
+
+    def _data_input(self, order: list[int]) -> int:
+        """The one variable without parameters (normally ``data``)."""
+        inputs = [i for i in order if self.nodes[i]["op"] == "null" and self.name(i) not in self.params]
+        if len(inputs) > 1 and any(self.name(i) == "data" for i in inputs):
             # the others are parameters missing from the .params file: reported by the node using them
-            inputs = [i for i in inputs if self.nodes[i]["name"] == "data"]
+            inputs = [i for i in inputs if self.name(i) == "data"]
         if len(inputs) != 1:
-            names = [self.nodes[i]["name"] for i in inputs]
+            names = [self.name(i) for i in inputs]
             raise EfquantError(f"expected exactly one data input (a variable without parameters), "
                                f"found {names}", source=self.sym_path, field="nodes")
-        inp = inputs[0]
-        in_name = self.nodes[inp]["name"]
-        self.values[inp] = self.b.placeholder(in_name)
-        self.rank[inp] = 4
-
-        chain, scale, offset, last = self._input_affine(inp)
-        if self.normalized_input and chain:
-            a, b = _affine_to_normalized(scale, offset)
-            self.values[last] = _emit_affine(self.b, self.values[inp], a, b)
-            self.rank[last] = 4
-        skip = set(chain) if self.normalized_input else set()
-        for i in order:
-            if self.nodes[i]["op"] == "null" or i in skip:
-                continue
-            try:
-                out, rank = self._convert(i)
-            except EfquantError:
-                raise
-            except Exception as exc:
-                raise self.err(f"cannot convert ({type(exc).__name__}: {exc})", i) from None
-            self.values[i], self.rank[i] = out, rank
-        if head not in self.values:
-            raise EfquantError("the output head does not depend on the data input", source=self.sym_path,
-                               field="heads")
-        meta = _preprocessing_meta([self.nodes[i]["op"] for i in chain], scale, offset, self.normalized_input,
-                                   bool(skip))
-        return _attach(self.b.finish(self.values[head]), input_name=in_name,
-                       output_name=self.nodes[head]["name"], meta_preprocessing=meta)
+        return inputs[0]
 
     def _input_affine(self, inp: int) -> tuple[list[int], np.ndarray, np.ndarray, int]:
         """The leading ``_minus_scalar``/``_mul_scalar``... chain on the data input as one affine."""
@@ -314,178 +321,210 @@ class _MxConverter:
         while len(self.consumers.get(cur, [])) == 1 and cur != self.heads[0][0]:
             nxt = self.consumers[cur][0]
             node = self.nodes[nxt]
-            if node["op"] not in _SCALAR_OPS:
+            if node["op"] not in _SCALAR_STEP:
                 break
-            c = float(self.attrs(node)["scalar"])
-            if node["op"] == "_minus_scalar":
-                offset = offset - c
-            elif node["op"] == "_plus_scalar":
-                offset = offset + c
-            elif node["op"] == "_mul_scalar":
-                scale, offset = scale * c, offset * c
-            elif node["op"] == "_div_scalar" and c != 0:
-                scale, offset = scale / c, offset / c
-            elif node["op"] == "_rminus_scalar":
-                scale, offset = -scale, c - offset
-            else:
+            step = affine_step(scale, offset, _SCALAR_STEP[node["op"]], float(self.attrs(node)["scalar"]))
+            if step is None:
                 break
+            scale, offset = step
             chain.append(nxt)
             cur = nxt
         return chain, scale, offset, cur
 
     def _convert(self, i: int) -> tuple[fx.Node, int | None]:
         node = self.nodes[i]
-        op, name, at = node["op"], node["name"], self.attrs(node)
-        if op == "Convolution":
-            return self._conv(i, at), 4
-        if op == "BatchNorm":
-            x, rank = self.data(i)
-            if _tuple(at.get("axis"), (1,)) != (1,):
-                raise self.err("only axis=1 is supported", i)
-            gamma = self.param(i, 1, "gamma")
-            if _bool(at.get("fix_gamma"), True):  # MXNet's default: gamma is pinned to 1
-                gamma = np.ones_like(gamma)
-            bn = _batchnorm(rank, gamma, self.param(i, 2, "beta"), self.param(i, 3, "moving_mean"),
-                            self.param(i, 4, "moving_var"), eps=float(at.get("eps", 1e-3)),
-                            momentum=1.0 - float(at.get("momentum", 0.9)), where=f"BatchNorm node '{name}'",
-                            source=self.sym_path)
-            return self.b.module(name, bn, x), rank
-        if op == "LeakyReLU":
-            x, rank = self.data(i)
-            act = at.get("act_type", "leaky")
-            slope = float(at.get("slope", 0.25))
-            if act == "prelu":
-                mod: nn.Module = _prelu(self.param(i, 1, "gamma"), None, where=f"LeakyReLU node '{name}'",
-                                        source=self.sym_path)
-            elif act == "leaky":
-                mod = nn.LeakyReLU(slope)
-            elif act == "elu":
-                mod = nn.ELU(slope)
-            elif act == "selu":
-                mod = nn.SELU()
-            elif act == "gelu":
-                mod = nn.GELU()
-            else:
-                raise self.err(f"act_type={act} is not supported", i)
-            return self.b.module(name, mod, x), rank
-        if op in ("Activation", "SoftmaxActivation"):
-            x, rank = self.data(i)
-            act = at.get("act_type", "softmax" if op == "SoftmaxActivation" else None)
-            mods = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softrelu": nn.Softplus,
-                    "softsign": nn.Softsign}
-            if act not in mods:
-                raise self.err(f"act_type={act} is not supported", i)
-            return self.b.module(name, mods[act](), x), rank
-        if op == "clip":
-            x, rank = self.data(i)
-            lo, hi = float(at["a_min"]), float(at["a_max"])
-            return self.b.module(name, nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi), x), rank
-        if op == "FullyConnected":
-            return self._fc(i, at), 2
-        if op == "Flatten":
-            x, _ = self.data(i)
-            return self.b.module(name, nn.Flatten(1), x), 2
-        if op == "Pooling":
-            return self._pool(i, at), 4
-        if op in _IDENTITY_OPS:
-            if op == "Cast" and not str(at.get("dtype", "float32")).startswith("float"):
-                raise self.err(f"Cast to {at.get('dtype')} is not supported", i)
-            return self.data(i)
-        if op in _ADD_OPS or op in ("elemwise_sub", "elemwise_mul", "broadcast_sub", "broadcast_mul"):
-            fn = operator.add if op in _ADD_OPS else operator.sub if op.endswith("sub") else operator.mul
-            (a, ra), (b, rb) = self.data(i, 0), self.data(i, 1)
-            return self.b.function(fn, a, b), None if ra is None or rb is None else max(ra, rb)
-        if op in ("add_n", "ElementWiseSum"):
-            acc, rank = self.data(i, 0)
-            for pos in range(1, len(node["inputs"])):
-                nxt, _ = self.data(i, pos)
-                acc = self.b.function(operator.add, acc, nxt)
-            return acc, rank
-        if op in _SCALAR_OPS:
-            x, rank = self.data(i)
-            c = float(at["scalar"])
-            fn = {"_minus_scalar": operator.sub, "_plus_scalar": operator.add, "_mul_scalar": operator.mul,
-                  "_div_scalar": operator.truediv}.get(op)
-            if fn is None:  # _rminus_scalar: c - x
-                return self.b.function(operator.sub, c, x), rank
-            return self.b.function(fn, x, c), rank
-        if op == "Reshape":
-            x, _ = self.data(i)
-            shape = _tuple(at.get("shape"), ())
-            if not shape or any(d < -1 for d in shape) or _bool(at.get("reverse"), False):
-                raise self.err(f"Reshape shape={shape} (special codes -2/-3/-4, reverse) is not supported", i)
-            dims: list[Any] = [self.b.method("size", x, k) if d == 0 else d for k, d in enumerate(shape)]
-            if shape[0] == 0 and -1 not in shape[1:]:
-                dims[0] = -1
-            return self.b.method("reshape", x, *dims), len(shape)
-        if op == "Concat":
-            parts = [self.data(i, k)[0] for k in range(len(node["inputs"]))]
-            return self.b.function(torch.cat, parts, int(at.get("dim", 1))), self.data(i, 0)[1]
-        raise self.err("unsupported op", i)  # pragma: no cover - guarded by _SUPPORTED
+        handler = _HANDLERS.get(node["op"])
+        if handler is None:  # pragma: no cover - _live_nodes refuses these first
+            raise self.err("unsupported op", i)
+        return handler(self, i, self.attrs(node))
 
-    def _conv(self, i: int, at: dict[str, Any]) -> fx.Node:
-        x, rank = self.data(i)
-        name = self.nodes[i]["name"]
-        if at.get("layout", "NCHW") not in ("NCHW", "None"):
-            raise self.err(f"layout {at.get('layout')} is not supported", i)
-        w = self.param(i, 1, "weight")
-        kernel = _tuple(at.get("kernel"), ())
-        if w.ndim != 4 or len(kernel) != 2 or tuple(w.shape[2:]) != kernel:
-            raise self.err(f"only 2-D convolutions are supported (kernel {kernel}, weight {w.shape})", i)
-        num_filter = int(at.get("num_filter", w.shape[0]))
-        if num_filter != w.shape[0]:
-            raise self.err(f"num_filter={num_filter} but weight has shape {w.shape}", i)
-        group = int(at.get("num_group", 1))
-        no_bias = _bool(at.get("no_bias"), False)
-        bias = None if no_bias else self.param(i, 2, "bias")
-        conv = nn.Conv2d(w.shape[1] * group, w.shape[0], kernel, stride=_tuple(at.get("stride"), (1, 1)),
-                         padding=_tuple(at.get("pad"), (0, 0)), dilation=_tuple(at.get("dilate"), (1, 1)),
-                         groups=group, bias=bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(_tensor(w))
-            if bias is not None:
-                conv.bias.copy_(_tensor(bias.reshape(-1)))
-        return self.b.module(name, conv, x)
 
-    def _fc(self, i: int, at: dict[str, Any]) -> fx.Node:
-        x, rank = self.data(i)
-        name = self.nodes[i]["name"]
-        w = self.param(i, 1, "weight")
-        hidden = int(at.get("num_hidden", w.shape[0]))
-        if w.ndim != 2 or w.shape[0] != hidden:
-            raise self.err(f"num_hidden={hidden} but weight has shape {w.shape}", i)
-        bias = None if _bool(at.get("no_bias"), False) else self.param(i, 2, "bias")
-        if _bool(at.get("flatten"), True) and rank != 2:
-            x = self.b.module(name + "_flatten", nn.Flatten(1), x)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(_tensor(w))
-            if bias is not None:
-                lin.bias.copy_(_tensor(bias.reshape(-1)))
-        return self.b.module(name, lin, x)
+# --------------------------------------------------------------------------------------------
+# One function per op: (converter, node index, attributes) -> (output node, output rank)
+# --------------------------------------------------------------------------------------------
 
-    def _pool(self, i: int, at: dict[str, Any]) -> fx.Node:
-        x, _ = self.data(i)
-        name = self.nodes[i]["name"]
-        kind = at.get("pool_type", "max")
-        if kind not in ("max", "avg"):
-            raise self.err(f"pool_type={kind} is not supported", i)
-        if _bool(at.get("global_pool"), False):
-            mod: nn.Module = nn.AdaptiveMaxPool2d(1) if kind == "max" else nn.AdaptiveAvgPool2d(1)
-            return self.b.module(name, mod, x)
-        conv = at.get("pooling_convention", "valid")
-        if conv not in ("valid", "full"):
-            raise self.err(f"pooling_convention={conv} is not supported", i)
-        kernel = _tuple(at.get("kernel"), ())
-        if len(kernel) != 2:
-            raise self.err(f"only 2-D pooling is supported (kernel {kernel})", i)
-        stride, pad = _tuple(at.get("stride"), (1, 1)), _tuple(at.get("pad"), (0, 0))
-        if kind == "max":
-            mod = nn.MaxPool2d(kernel, stride, pad, ceil_mode=conv == "full")
-        else:
-            mod = nn.AvgPool2d(kernel, stride, pad, ceil_mode=conv == "full",
-                               count_include_pad=_bool(at.get("count_include_pad"), True))
-        return self.b.module(name, mod, x)
+_Result = tuple[fx.Node, int | None]
+_Handler = Callable[[_MxConverter, int, dict[str, Any]], _Result]
+_HANDLERS: dict[str, _Handler] = {}
+
+
+def _handles(*ops: str) -> Callable[[_Handler], _Handler]:
+    def register(fn: _Handler) -> _Handler:
+        _HANDLERS.update(dict.fromkeys(ops, fn))
+        return fn
+
+    return register
+
+
+@_handles("Convolution")
+def _convolution(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, _ = cv.data(i)
+    if at.get("layout", "NCHW") not in ("NCHW", "None"):
+        raise cv.err(f"layout {at.get('layout')} is not supported", i)
+    w = cv.param(i, 1, "weight")
+    kernel = _tuple(at.get("kernel"), ())
+    if w.ndim != 4 or len(kernel) != 2 or tuple(w.shape[2:]) != kernel:
+        raise cv.err(f"only 2-D convolutions are supported (kernel {kernel}, weight {w.shape})", i)
+    num_filter = int(at.get("num_filter", w.shape[0]))
+    if num_filter != w.shape[0]:
+        raise cv.err(f"num_filter={num_filter} but weight has shape {w.shape}", i)
+    group = int(at.get("num_group", 1))
+    bias = None if _bool(at.get("no_bias"), False) else cv.param(i, 2, "bias")
+    conv = conv2d_module(w, bias, stride=_tuple(at.get("stride"), (1, 1)), padding=_tuple(at.get("pad"), (0, 0)),
+                         dilation=_tuple(at.get("dilate"), (1, 1)), groups=group)
+    return cv.module(i, conv, x), 4
+
+
+@_handles("BatchNorm")
+def _batch_norm(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    if _tuple(at.get("axis"), (1,)) != (1,):
+        raise cv.err("only axis=1 is supported", i)
+    gamma = cv.param(i, 1, "gamma")
+    if _bool(at.get("fix_gamma"), True):  # MXNet's default: gamma is pinned to 1
+        gamma = np.ones_like(gamma)
+    bn = batchnorm_module(rank, gamma, cv.param(i, 2, "beta"), cv.param(i, 3, "moving_mean"),
+                          cv.param(i, 4, "moving_var"), eps=float(at.get("eps", 1e-3)),
+                          momentum=1.0 - float(at.get("momentum", 0.9)), where=cv.label(i), source=cv.sym_path)
+    return cv.module(i, bn, x), rank
+
+
+@_handles("LeakyReLU")
+def _leaky_relu(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    act = at.get("act_type", "leaky")
+    slope = float(at.get("slope", 0.25))
+    if act == "prelu":
+        mod: nn.Module = prelu_module(cv.param(i, 1, "gamma"), None, where=cv.label(i), source=cv.sym_path)
+    elif act == "leaky":
+        mod = nn.LeakyReLU(slope)
+    elif act == "elu":
+        mod = nn.ELU(slope)
+    elif act == "selu":
+        mod = nn.SELU()
+    elif act == "gelu":
+        mod = nn.GELU()
+    else:
+        raise cv.err(f"act_type={act} is not supported", i)
+    return cv.module(i, mod, x), rank
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "softrelu": nn.Softplus,
+                "softsign": nn.Softsign}
+
+
+@_handles("Activation", "SoftmaxActivation")
+def _activation(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    act = at.get("act_type", "softmax" if cv.nodes[i]["op"] == "SoftmaxActivation" else None)
+    if act not in _ACTIVATIONS:
+        raise cv.err(f"act_type={act} is not supported", i)
+    return cv.module(i, _ACTIVATIONS[act](), x), rank
+
+
+@_handles("clip")
+def _clip(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    lo, hi = float(at["a_min"]), float(at["a_max"])
+    return cv.module(i, nn.ReLU6() if (lo, hi) == (0.0, 6.0) else nn.Hardtanh(lo, hi), x), rank
+
+
+@_handles("FullyConnected")
+def _fully_connected(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    w = cv.param(i, 1, "weight")
+    hidden = int(at.get("num_hidden", w.shape[0]))
+    if w.ndim != 2 or w.shape[0] != hidden:
+        raise cv.err(f"num_hidden={hidden} but weight has shape {w.shape}", i)
+    bias = None if _bool(at.get("no_bias"), False) else cv.param(i, 2, "bias")
+    if _bool(at.get("flatten"), True) and rank != 2:
+        x = cv.b.module(cv.name(i) + "_flatten", nn.Flatten(1), x)
+    return cv.module(i, linear_module(w, bias), x), 2
+
+
+@_handles("Flatten")
+def _flatten(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, _ = cv.data(i)
+    return cv.module(i, nn.Flatten(1), x), 2
+
+
+@_handles("Pooling")
+def _pooling(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, _ = cv.data(i)
+    kind = at.get("pool_type", "max")
+    if kind not in ("max", "avg"):
+        raise cv.err(f"pool_type={kind} is not supported", i)
+    if _bool(at.get("global_pool"), False):
+        mod: nn.Module = nn.AdaptiveMaxPool2d(1) if kind == "max" else nn.AdaptiveAvgPool2d(1)
+        return cv.module(i, mod, x), 4
+    conv = at.get("pooling_convention", "valid")
+    if conv not in ("valid", "full"):
+        raise cv.err(f"pooling_convention={conv} is not supported", i)
+    kernel = _tuple(at.get("kernel"), ())
+    if len(kernel) != 2:
+        raise cv.err(f"only 2-D pooling is supported (kernel {kernel})", i)
+    stride, pad = _tuple(at.get("stride"), (1, 1)), _tuple(at.get("pad"), (0, 0))
+    if kind == "max":
+        mod = nn.MaxPool2d(kernel, stride, pad, ceil_mode=conv == "full")
+    else:
+        mod = nn.AvgPool2d(kernel, stride, pad, ceil_mode=conv == "full",
+                           count_include_pad=_bool(at.get("count_include_pad"), True))
+    return cv.module(i, mod, x), 4
+
+
+@_handles(*_IDENTITY_OPS)
+def _identity(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    if cv.nodes[i]["op"] == "Cast" and not str(at.get("dtype", "float32")).startswith("float"):
+        raise cv.err(f"Cast to {at.get('dtype')} is not supported", i)
+    return cv.data(i)
+
+
+@_handles(*_BINARY_OPS)
+def _binary(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    (a, ra), (b, rb) = cv.data(i, 0), cv.data(i, 1)
+    out = cv.b.function(_BINARY_OPS[cv.nodes[i]["op"]], a, b)
+    return out, None if ra is None or rb is None else max(ra, rb)
+
+
+@_handles("add_n", "ElementWiseSum")
+def _add_n(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    acc, rank = cv.data(i, 0)
+    for pos in range(1, len(cv.nodes[i]["inputs"])):
+        nxt, _ = cv.data(i, pos)
+        acc = cv.b.function(operator.add, acc, nxt)
+    return acc, rank
+
+
+_SCALAR_FNS = {"_minus_scalar": operator.sub, "_plus_scalar": operator.add, "_mul_scalar": operator.mul,
+               "_div_scalar": operator.truediv}
+
+
+@_handles(*_SCALAR_STEP)
+def _scalar(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, rank = cv.data(i)
+    c = float(at["scalar"])
+    fn = _SCALAR_FNS.get(cv.nodes[i]["op"])
+    if fn is None:  # _rminus_scalar: c - x
+        return cv.b.function(operator.sub, c, x), rank
+    return cv.b.function(fn, x, c), rank
+
+
+@_handles("Reshape")
+def _reshape(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    x, _ = cv.data(i)
+    shape = _tuple(at.get("shape"), ())
+    if not shape or any(d < -1 for d in shape) or _bool(at.get("reverse"), False):
+        raise cv.err(f"Reshape shape={shape} (special codes -2/-3/-4, reverse) is not supported", i)
+    dims: list[Any] = [cv.b.method("size", x, k) if d == 0 else d for k, d in enumerate(shape)]
+    if shape[0] == 0 and -1 not in shape[1:]:
+        dims[0] = -1
+    return cv.b.method("reshape", x, *dims), len(shape)
+
+
+@_handles("Concat")
+def _concat(cv: _MxConverter, i: int, at: dict[str, Any]) -> _Result:
+    parts = [cv.data(i, k)[0] for k in range(len(cv.nodes[i]["inputs"]))]
+    return cv.b.function(torch.cat, parts, int(at.get("dim", 1))), cv.data(i, 0)[1]
 
 
 def load_mxnet_model(symbol_json: str | Path, params_file: str | Path, *,

@@ -4,43 +4,23 @@ Why our own converter: onnx2torch needs torchvision, which does not install besi
 build, and the quantizer wants *real* modules (``nn.Conv2d``, ``nn.Linear``, ``nn.PReLU``,
 ``nn.BatchNorm*``) and ``operator.add`` residuals, not opaque wrappers.
 
-What the converter does
------------------------
-* ``onnx.checker.check_model`` first; graph inputs that are initializers (SFace lists its weights
-  as inputs) are dropped, leaving exactly one real input.
-* Constant subgraphs are folded with numpy: ``Constant``, ``DequantizeLinear`` on int8 weights
-  (per-tensor, per-axis and opset-21 blocked ``block_size``), weight ``Reshape``/``Transpose``/
-  ``Cast``/``Unsqueeze``... so int8-block weights become float tensors.
-* Conv -> ``nn.Conv2d``, BatchNormalization -> ``nn.BatchNorm2d``/``1d`` (eval), PRelu ->
-  ``nn.PReLU`` (per-channel slopes flattened), Gemm / MatMul(+Add) with a constant weight ->
-  ``nn.Linear``, pools -> ``nn.*Pool2d``, Add/Sub/Mul/Div -> ``operator`` functions.
-* The batch dim is dynamic: a Reshape whose target starts with the batch (literal 1, 0 or a
-  ``Shape`` of the batch) reshapes with ``-1``/``x.size(0)`` instead; ``Shape`` of a runtime tensor
-  is folded from static shape inference with the batch kept symbolic.
-
-Input convention (the choice made here)
----------------------------------------
-Our datasets produce RGB faces normalised as ``(x - 127.5) / 127.5``. With the default
-``normalized_input=True`` the converted module **always takes that input**:
-
-* if the graph starts with its own affine pixel normalisation (a chain of Sub/Add/Mul/Div by
-  scalar or per-channel constants applied to the raw 0..255 input, e.g. SFace's
-  ``(x - 127.5) * (1/128)``), that chain is removed and replaced by the equivalent affine on our
-  input (``x_raw = 127.5 * x + 127.5``), so SFace becomes ``0.99609375 * x``; output is identical
-  to the original graph fed the raw pixels;
-* if the graph has no such prefix it is assumed to take normalised input already (insightface's
-  exported packs do) and nothing is inserted.
-
-``normalized_input=False`` keeps the graph's own input convention untouched. Channel order is
-never changed (SFace and insightface models are RGB). The result carries ``input_name``,
-``output_name`` and ``meta_preprocessing`` (a dict saying what the graph did and what the module
-expects).
+* ``onnx.checker.check_model`` runs first; graph inputs that are initializers (SFace lists its
+  weights as inputs) are dropped, leaving exactly one real input.
+* Constant subgraphs are folded with numpy (``_FOLD``), including ``DequantizeLinear`` per-tensor,
+  per-axis and opset-21 ``block_size``, so int8-block weights become float tensors.
+* Runtime nodes dispatch to ``_op_<OpType>`` methods; MatMul + constant Add becomes one ``nn.Linear``.
+* The batch dim stays dynamic: the files fix it to 1, our batches are larger. A Reshape target that
+  starts with the batch (literal 1, 0 or a ``Shape`` of the batch) becomes ``-1``/``x.size(0)``;
+  ``Shape`` of a runtime tensor is folded from static shape inference with the batch symbolic.
+* Input convention (:mod:`efquant_fx.models.import_common`): with ``normalized_input=True`` a
+  leading Sub/Add/Mul/Div-by-constant chain on the raw pixels (SFace's ``(x - 127.5) * (1/128)``)
+  is replaced by the equivalent affine on our ``(x - 127.5) / 127.5`` input; a graph without one
+  is assumed to take that input already (insightface's exported packs do).
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,169 +31,22 @@ import torch.fx as fx
 from torch import nn
 
 from efquant_fx.errors import EfquantError
-
-STANDARD_MEAN = 127.5
-STANDARD_STD = 127.5
-STANDARD_INPUT = "RGB, (x - 127.5) / 127.5"
+from efquant_fx.models.import_common import (
+    STANDARD_INPUT,
+    GraphBuilder,
+    affine_step,
+    batchnorm_module,
+    conv2d_module,
+    converting,
+    emit_normalized_input,
+    float_tensor,
+    linear_module,
+    prelu_module,
+    preprocessing_meta,
+    unsupported_ops_error,
+)
 
 __all__ = ["STANDARD_INPUT", "load_onnx_model"]
-
-
-# --------------------------------------------------------------------------------------------
-# Shared pieces (also used by the MXNet importer)
-# --------------------------------------------------------------------------------------------
-
-
-class _GraphBuilder:
-    """Accumulates submodules, buffers and FX nodes, then returns one GraphModule."""
-
-    def __init__(self) -> None:
-        self.root = nn.Module()
-        self.graph = fx.Graph()
-        self._taken: set[str] = set()
-
-    def _unique(self, name: str) -> str:
-        base = re.sub(r"\W", "_", name) or "m"
-        if base[0].isdigit():
-            base = "n_" + base
-        cand, i = base, 1
-        while cand in self._taken or hasattr(nn.Module, cand):
-            cand, i = f"{base}_{i}", i + 1
-        self._taken.add(cand)
-        return cand
-
-    def placeholder(self, name: str) -> fx.Node:
-        return self.graph.placeholder(self._unique(name))
-
-    def module(self, name: str, mod: nn.Module, *args: Any) -> fx.Node:
-        target = self._unique(name)
-        self.root.add_module(target, mod)
-        return self.graph.call_module(target, tuple(args))
-
-    def function(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> fx.Node:
-        return self.graph.call_function(fn, tuple(args), kwargs or None)
-
-    def method(self, name: str, *args: Any) -> fx.Node:
-        return self.graph.call_method(name, tuple(args))
-
-    def constant(self, name: str, value: np.ndarray) -> fx.Node | float:
-        """A scalar becomes a Python float in the code; anything else a registered buffer."""
-        arr = np.asarray(value)
-        if arr.ndim == 0 or (arr.size == 1 and arr.ndim <= 1):
-            return float(arr.reshape(()))
-        target = self._unique(name)
-        self.root.register_buffer(target, _tensor(arr))
-        return self.graph.get_attr(target)
-
-    def finish(self, out: fx.Node) -> fx.GraphModule:
-        self.graph.output(out)
-        self.graph.lint()
-        gm = fx.GraphModule(self.root, self.graph, class_name="ImportedFaceModel")
-        return gm.eval()
-
-
-def _attach(gm: fx.GraphModule, **attrs: Any) -> fx.GraphModule:
-    """Set metadata attributes that also survive ``copy.deepcopy`` (GraphModule re-inits on copy)."""
-    import torch.fx.graph_module as fx_gm
-
-    key = getattr(fx_gm, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
-    gm.meta.setdefault(key, {}).update(attrs)
-    for name, value in attrs.items():
-        setattr(gm, name, value)
-    return gm
-
-
-def _tensor(arr: np.ndarray) -> torch.Tensor:
-    """A float32 copy (numpy views of ONNX/params buffers are read-only)."""
-    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True, order="C"))
-
-
-def _batchnorm(rank: int | None, gamma, beta, mean, var, eps: float, momentum: float, *, where: str,
-               source: str) -> nn.Module:
-    """BatchNorm1d/2d in eval mode with the given statistics (momentum in torch's convention)."""
-    arrays = [np.asarray(a, dtype=np.float32).reshape(-1) for a in (gamma, beta, mean, var)]
-    c = arrays[0].size
-    if any(a.size != c for a in arrays):
-        raise EfquantError(f"batch-norm parameters have different sizes {[a.size for a in arrays]}",
-                           source=source, field=where)
-    if rank == 4:
-        bn: nn.Module = nn.BatchNorm2d(c, eps=eps, momentum=momentum)
-    elif rank in (2, 3):
-        bn = nn.BatchNorm1d(c, eps=eps, momentum=momentum)
-    else:
-        raise EfquantError(f"batch norm on a tensor of rank {rank} is not supported", source=source,
-                           field=where)
-    with torch.no_grad():
-        bn.weight.copy_(_tensor(arrays[0]))
-        bn.bias.copy_(_tensor(arrays[1]))
-        bn.running_mean.copy_(_tensor(arrays[2]))
-        bn.running_var.copy_(_tensor(arrays[3]))
-    return bn.eval()
-
-
-def _prelu(slope: np.ndarray, rank: int | None, *, where: str, source: str) -> nn.PReLU:
-    """Per-channel slopes -> ``nn.PReLU(C)``.
-
-    With a known input ``rank`` the slope follows numpy broadcasting (ONNX): its non-1 dim must land
-    on axis 1, so (C,1,1) on NCHW is per-channel but (C,) on NCHW (which would scale W) is refused.
-    ``rank=None`` means "the slope is per-channel by definition" (MXNet's prelu gamma).
-    """
-    s = np.asarray(slope, dtype=np.float32)
-    if s.size == 1:
-        mod = nn.PReLU(1)
-    else:
-        big = [j for j, d in enumerate(s.shape) if d != 1]
-        ok = len(big) == 1 and (rank is None or rank - s.ndim + big[0] == 1)
-        if not ok:
-            raise EfquantError(
-                f"PReLU slope of shape {tuple(s.shape)} is not per-channel for a rank-{rank} input",
-                source=source, field=where,
-            )
-        mod = nn.PReLU(s.size)
-    with torch.no_grad():
-        mod.weight.copy_(_tensor(s.reshape(-1)))
-    return mod
-
-
-def _affine_to_normalized(scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rewrite ``y = scale * raw + offset`` for our input ``x = (raw - 127.5) / 127.5``."""
-    a = np.asarray(scale, dtype=np.float64) * STANDARD_STD
-    b = np.asarray(scale, dtype=np.float64) * STANDARD_MEAN + np.asarray(offset, dtype=np.float64)
-    return a, b
-
-
-def _emit_affine(builder: _GraphBuilder, x: fx.Node, a: np.ndarray, b: np.ndarray) -> fx.Node:
-    """``x * a + b`` with the identity parts left out (SFace needs only the multiply)."""
-    if not np.all(a == 1.0):
-        x = builder.function(operator.mul, x, builder.constant("input_scale", a))
-    if np.any(b != 0.0):
-        x = builder.function(operator.add, x, builder.constant("input_offset", b))
-    return x
-
-
-def _preprocessing_meta(chain: list[str], scale: np.ndarray, offset: np.ndarray, normalized_input: bool,
-                        stripped: bool) -> dict[str, Any]:
-    """What the original graph did to its input and what the converted module expects."""
-    graph_norm = None
-    if chain:
-        graph_norm = {
-            "ops": chain,
-            "scale": np.asarray(scale, dtype=np.float64).reshape(-1).tolist(),
-            "offset": np.asarray(offset, dtype=np.float64).reshape(-1).tolist(),
-            "formula": "y = scale * x_raw + offset",
-        }
-    if normalized_input:
-        expects = STANDARD_INPUT
-    else:
-        expects = "RGB 0..255 (graph normalises itself)" if chain else STANDARD_INPUT + " (assumed)"
-    return {
-        "graph_normalizes": bool(chain),
-        "graph_normalization": graph_norm,
-        "normalization_stripped": stripped,
-        "input_convention": "normalized" if normalized_input else "original",
-        "expects": expects,
-        "channel_order": "RGB",
-    }
 
 
 def _per_channel_const(c: np.ndarray) -> np.ndarray | None:
@@ -226,11 +59,6 @@ def _per_channel_const(c: np.ndarray) -> np.ndarray | None:
     if c.ndim == 3 and c.shape[1:] == (1, 1):
         return c
     return None
-
-
-# --------------------------------------------------------------------------------------------
-# ONNX
-# --------------------------------------------------------------------------------------------
 
 
 class _Batch:
@@ -247,11 +75,9 @@ _RUNTIME_OPS = {
     "Add", "Sub", "Mul", "Div", "Gemm", "MatMul", "Flatten", "Reshape", "GlobalAveragePool",
     "GlobalMaxPool", "AveragePool", "MaxPool", "Dropout", "Identity", "Transpose", "Concat", "Shape",
 }
-_FOLD_OPS = {
-    "Constant", "Identity", "Cast", "Reshape", "Flatten", "Transpose", "Unsqueeze", "Squeeze",
-    "Concat", "Gather", "Shape", "DequantizeLinear", "Add", "Sub", "Mul", "Div", "Neg", "Sqrt",
-    "Dropout", "Slice",
-}
+# (op, constant is the second operand) -> affine_step kind, for the input-normalisation chain
+_CHAIN_STEP = {("Add", True): "add", ("Add", False): "add", ("Sub", True): "sub", ("Sub", False): "rsub",
+               ("Mul", True): "mul", ("Mul", False): "mul", ("Div", True): "div"}
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -297,13 +123,104 @@ def _np_reshape(x: np.ndarray, shape: np.ndarray, allowzero: int) -> np.ndarray:
     return x.reshape(dims)
 
 
+# -- constant folding: op -> fn(x, inputs, attributes), x being inputs[0] ------------------------------
+
+
+def _fold_cast(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    if x.dtype == object:  # a symbolic shape stays as it is
+        return x
+    from onnx import helper
+
+    return x.astype(helper.tensor_dtype_to_np_dtype(at["to"]))
+
+
+def _fold_dequantize(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    axis = int(at.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis
+    zp = ins[2] if len(ins) > 2 else None
+    return _dequantize(x, ins[1], zp, axis, int(at.get("block_size", 0)))
+
+
+def _fold_flatten(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    axis = int(at.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+def _fold_axes(ins: list[Any], at: dict[str, Any]) -> list[int] | None:
+    """Squeeze/Unsqueeze axes: an attribute before opset 13, the second input after."""
+    axes = at.get("axes")
+    if axes is None and len(ins) > 1 and ins[1] is not None:
+        axes = [int(a) for a in ins[1]]
+    return axes
+
+
+def _fold_squeeze(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    axes = _fold_axes(ins, at)
+    return np.squeeze(x, axis=None if axes is None else tuple(axes))
+
+
+def _fold_unsqueeze(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    axes = _fold_axes(ins, at)
+    out = x
+    nd = x.ndim + len(axes)
+    for a in sorted(a + nd if a < 0 else a for a in axes):
+        out = np.expand_dims(out, a)
+    return out
+
+
+def _fold_slice(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+    starts, ends = ins[1], ins[2]
+    axes = ins[3] if len(ins) > 3 and ins[3] is not None else range(len(starts))
+    steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    sl = [slice(None)] * x.ndim
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=False):
+        sl[int(a)] = slice(int(s), int(e), int(st))
+    return x[tuple(sl)]
+
+
+def _fold_arith(fn: Callable[[Any, Any], Any]) -> Callable[[np.ndarray, list[Any], dict[str, Any]], np.ndarray]:
+    """Elementwise op that keeps the first operand's dtype; integer Div floors (shape arithmetic)."""
+
+    def fold(x: np.ndarray, ins: list[Any], at: dict[str, Any]) -> np.ndarray:
+        if fn is np.divide and np.issubdtype(x.dtype, np.integer):
+            return (x // ins[1]).astype(x.dtype)
+        return fn(x, ins[1]).astype(x.dtype)
+
+    return fold
+
+
+_FOLD: dict[str, Callable[[Any, list[Any], dict[str, Any]], Any]] = {
+    "Identity": lambda x, ins, at: x,
+    "Dropout": lambda x, ins, at: x,
+    "Cast": _fold_cast,
+    "DequantizeLinear": _fold_dequantize,
+    "Reshape": lambda x, ins, at: _np_reshape(x, ins[1], int(at.get("allowzero", 0))),
+    "Flatten": _fold_flatten,
+    "Transpose": lambda x, ins, at: np.transpose(x, at.get("perm")),
+    "Unsqueeze": _fold_unsqueeze,
+    "Squeeze": _fold_squeeze,
+    "Concat": lambda x, ins, at: np.concatenate([np.atleast_1d(i) for i in ins], axis=int(at["axis"])),
+    "Gather": lambda x, ins, at: np.take(x, ins[1], axis=int(at.get("axis", 0))),
+    "Slice": _fold_slice,
+    "Shape": lambda x, ins, at: np.array(x.shape, dtype=np.int64)[at.get("start", 0):at.get("end")],
+    "Neg": lambda x, ins, at: -x,
+    "Sqrt": lambda x, ins, at: np.sqrt(x),
+    "Add": _fold_arith(np.add),
+    "Sub": _fold_arith(np.subtract),
+    "Mul": _fold_arith(np.multiply),
+    "Div": _fold_arith(np.divide),
+}
+_FOLD_OPS = {"Constant", *_FOLD}
+
+
 class _OnnxConverter:
     def __init__(self, model: Any, source: str, normalized_input: bool) -> None:
         self.model = model
         self.g = model.graph
         self.source = source
         self.normalized_input = normalized_input
-        self.b = _GraphBuilder()
+        self.b = GraphBuilder()
         self.consts: dict[str, np.ndarray] = {}
         self.values: dict[str, fx.Node] = {}
         self.rank: dict[str, int | None] = {}
@@ -383,29 +300,23 @@ class _OnnxConverter:
         chain, scale, offset, chain_out = self._input_affine(inp.name)
         skip: set[int] = set()
         if self.normalized_input and chain:
-            a, b = _affine_to_normalized(scale, offset)
-            self.values[chain_out] = _emit_affine(self.b, x, a, b)
+            self.values[chain_out] = emit_normalized_input(self.b, x, scale, offset)
             self.rank[chain_out] = in_rank
             skip = {id(n) for n in chain}
 
         for n in live:
             if id(n) in skip or n.op_type == "Constant":
                 continue
-            try:
+            with converting(lambda msg, n=n: self.err(msg, n)):
                 self._convert_node(n)
-            except EfquantError:
-                raise
-            except Exception as exc:  # numpy/torch complaints about this node's data
-                raise self.err(f"cannot convert ({type(exc).__name__}: {exc})", n) from None
 
         out = self.outputs[0]
         if out not in self.values:
             raise EfquantError("graph output is a constant, not a function of the input", source=self.source,
                                field=out)
         stripped = bool(self.normalized_input and chain)
-        meta = _preprocessing_meta([n.op_type for n in chain], scale, offset, self.normalized_input, stripped)
-        return _attach(self.b.finish(self.values[out]), input_name=inp.name, output_name=out,
-                       meta_preprocessing=meta)
+        meta = preprocessing_meta([n.op_type for n in chain], scale, offset, self.normalized_input, stripped)
+        return self.b.finish(self.values[out], input_name=inp.name, output_name=out, meta_preprocessing=meta)
 
     def _live_nodes(self) -> list[Any]:
         producer = {o: n for n in self.g.node for o in n.output if o}
@@ -426,10 +337,7 @@ class _OnnxConverter:
             if op not in _RUNTIME_OPS and op not in _FOLD_OPS:
                 bad.setdefault(op, []).append(n.name or n.output[0])
         if bad:
-            parts = [f"{op} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
-                     for op, names in bad.items()]
-            raise EfquantError(f"unsupported ONNX op(s): {'; '.join(parts)}", source=self.source,
-                               field="graph.node")
+            raise unsupported_ops_error("ONNX", bad, source=self.source, field="graph.node")
 
     def _input_affine(self, name: str) -> tuple[list[Any], np.ndarray, np.ndarray, str]:
         """The leading Sub/Add/Mul/Div-by-constant chain on the raw input, composed to one affine."""
@@ -445,18 +353,10 @@ class _OnnxConverter:
             c = _per_channel_const(self.consts[other]) if other in self.consts else None
             if c is None:
                 break
-            if n.op_type == "Add":
-                offset = offset + c
-            elif n.op_type == "Sub" and first:
-                offset = offset - c
-            elif n.op_type == "Sub":
-                scale, offset = -scale, c - offset
-            elif n.op_type == "Mul":
-                scale, offset = scale * c, offset * c
-            elif first and np.all(c != 0):  # Div by constant
-                scale, offset = scale / c, offset / c
-            else:
+            step = affine_step(scale, offset, _CHAIN_STEP.get((n.op_type, first), ""), c)
+            if step is None:
                 break
+            scale, offset = step
             chain.append(n)
             cur = n.output[0]
         return chain, scale, offset, cur
@@ -467,75 +367,24 @@ class _OnnxConverter:
         return np.asarray(self._fold_raw(n))
 
     def _fold_raw(self, n: Any) -> Any:
+        at = _attrs(n)
+        if n.op_type == "Constant":
+            return self._fold_constant(n, at)
+        ins = [self.consts[i] if i else None for i in n.input]
+        return _FOLD[n.op_type](ins[0], ins, at)
+
+    def _fold_constant(self, n: Any, at: dict[str, Any]) -> np.ndarray:
         from onnx import numpy_helper
 
-        op, at = n.op_type, _attrs(n)
-        ins = [self.consts[i] if i else None for i in n.input]
-        if op == "Constant":
-            if "value" in at:
-                return numpy_helper.to_array(at["value"])
-            for key in ("value_float", "value_int"):
-                if key in at:
-                    return np.array(at[key], dtype=np.float32 if key == "value_float" else np.int64)
-            for key in ("value_floats", "value_ints"):
-                if key in at:
-                    return np.array(at[key], dtype=np.float32 if key == "value_floats" else np.int64)
-            raise self.err("Constant without a supported value attribute", n)
-        x = ins[0]
-        if op in ("Identity", "Dropout"):
-            return x
-        if op == "Cast":
-            if x.dtype == object:
-                return x
-            from onnx import helper
-
-            return x.astype(helper.tensor_dtype_to_np_dtype(at["to"]))
-        if op == "DequantizeLinear":
-            axis = int(at.get("axis", 1))
-            axis = axis + x.ndim if axis < 0 else axis
-            zp = ins[2] if len(ins) > 2 else None
-            return _dequantize(x, ins[1], zp, axis, int(at.get("block_size", 0)))
-        if op == "Reshape":
-            return _np_reshape(x, ins[1], int(at.get("allowzero", 0)))
-        if op == "Flatten":
-            axis = int(at.get("axis", 1))
-            axis = axis + x.ndim if axis < 0 else axis
-            return x.reshape(int(np.prod(x.shape[:axis])), -1)
-        if op == "Transpose":
-            return np.transpose(x, at.get("perm"))
-        if op in ("Unsqueeze", "Squeeze"):
-            axes = at.get("axes")
-            if axes is None and len(ins) > 1 and ins[1] is not None:
-                axes = [int(a) for a in ins[1]]
-            if op == "Squeeze":
-                return np.squeeze(x, axis=None if axes is None else tuple(axes))
-            out = x
-            nd = x.ndim + len(axes)
-            for a in sorted(a + nd if a < 0 else a for a in axes):
-                out = np.expand_dims(out, a)
-            return out
-        if op == "Concat":
-            return np.concatenate([np.atleast_1d(i) for i in ins], axis=int(at["axis"]))
-        if op == "Gather":
-            return np.take(x, ins[1], axis=int(at.get("axis", 0)))
-        if op == "Slice":
-            starts, ends = ins[1], ins[2]
-            axes = ins[3] if len(ins) > 3 and ins[3] is not None else range(len(starts))
-            steps = ins[4] if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-            sl = [slice(None)] * x.ndim
-            for s, e, a, st in zip(starts, ends, axes, steps, strict=False):
-                sl[int(a)] = slice(int(s), int(e), int(st))
-            return x[tuple(sl)]
-        if op == "Shape":
-            return np.array(x.shape, dtype=np.int64)[at.get("start", 0):at.get("end")]
-        if op == "Neg":
-            return -x
-        if op == "Sqrt":
-            return np.sqrt(x)
-        fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
-        if op == "Div" and np.issubdtype(x.dtype, np.integer):
-            return (x // ins[1]).astype(x.dtype)
-        return fn(x, ins[1]).astype(x.dtype)
+        if "value" in at:
+            return numpy_helper.to_array(at["value"])
+        for key in ("value_float", "value_int"):
+            if key in at:
+                return np.array(at[key], dtype=np.float32 if key == "value_float" else np.int64)
+        for key in ("value_floats", "value_ints"):
+            if key in at:
+                return np.array(at[key], dtype=np.float32 if key == "value_floats" else np.int64)
+        raise self.err("Constant without a supported value attribute", n)
 
     # -- runtime nodes -------------------------------------------------------------------------
     def _convert_node(self, n: Any) -> None:
@@ -580,12 +429,7 @@ class _OnnxConverter:
         if pads[:2] != pads[2:]:
             x = self.b.module(n.name + "_pad", nn.ZeroPad2d((pads[1], pads[3], pads[0], pads[2])), x)
             pads = [0, 0, 0, 0]
-        conv = nn.Conv2d(w.shape[1] * group, w.shape[0], kernel, stride=strides, padding=(pads[0], pads[1]),
-                         dilation=dil, groups=group, bias=bias is not None)
-        with torch.no_grad():
-            conv.weight.copy_(_tensor(w))
-            if bias is not None:
-                conv.bias.copy_(_tensor(bias.reshape(-1)))
+        conv = conv2d_module(w, bias, stride=strides, padding=(pads[0], pads[1]), dilation=dil, groups=group)
         self.set_out(n, self.b.module(n.name or n.output[0], conv, x), 4)
 
     def _op_BatchNormalization(self, n: Any, at: dict[str, Any]) -> None:
@@ -593,14 +437,14 @@ class _OnnxConverter:
         if int(at.get("training_mode", 0)):
             raise self.err("training_mode=1 is not supported", n)
         params = [self.const(n, i, what) for i, what in enumerate(["", "scale", "bias", "mean", "var"]) if i]
-        bn = _batchnorm(rank, *params, eps=float(at.get("epsilon", 1e-5)),
-                        momentum=1.0 - float(at.get("momentum", 0.9)), where=_node_label(n),
-                        source=self.source)
+        bn = batchnorm_module(rank, *params, eps=float(at.get("epsilon", 1e-5)),
+                              momentum=1.0 - float(at.get("momentum", 0.9)), where=_node_label(n),
+                              source=self.source)
         self.set_out(n, self.b.module(n.name or n.output[0], bn, x), rank)
 
     def _op_PRelu(self, n: Any, at: dict[str, Any]) -> None:
         x, rank = self._x(n)
-        mod = _prelu(self.const(n, 1, "PRelu slope"), rank, where=_node_label(n), source=self.source)
+        mod = prelu_module(self.const(n, 1, "PRelu slope"), rank, where=_node_label(n), source=self.source)
         self.set_out(n, self.b.module(n.name or n.output[0], mod, x), rank)
 
     def _simple(self, n: Any, mod: nn.Module) -> None:
@@ -642,7 +486,7 @@ class _OnnxConverter:
             if lin is not None and lin.bias is None and other in self.consts and self.single_use(mm):
                 c = self.consts[other]
                 if c.ndim >= 1 and c.size == lin.out_features == c.shape[-1]:
-                    lin.bias = nn.Parameter(_tensor(c.reshape(-1)))
+                    lin.bias = nn.Parameter(float_tensor(c.reshape(-1)))
                     self.set_out(n, self.values[mm], self.rank.get(mm))
                     return
         self._binary(n, operator.add)
@@ -656,15 +500,6 @@ class _OnnxConverter:
     def _op_Div(self, n: Any, at: dict[str, Any]) -> None:
         self._binary(n, operator.truediv)
 
-    @staticmethod
-    def _linear(weight: np.ndarray, bias: np.ndarray | None) -> nn.Linear:
-        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            lin.weight.copy_(_tensor(weight))
-            if bias is not None:
-                lin.bias.copy_(_tensor(np.broadcast_to(bias.reshape(-1), (weight.shape[0],))))
-        return lin
-
     def _op_Gemm(self, n: Any, at: dict[str, Any]) -> None:
         x, _ = self._x(n)
         alpha, beta = float(at.get("alpha", 1.0)), float(at.get("beta", 1.0))
@@ -677,13 +512,13 @@ class _OnnxConverter:
             raise self.err("Gemm bias C must be a constant", n)
         if c is not None and c.size not in (1, w.shape[0]):
             raise self.err(f"Gemm bias of shape {c.shape} does not broadcast to ({w.shape[0]},)", n)
-        lin = self._linear(alpha * w.astype(np.float64), None if c is None else beta * c.astype(np.float64))
+        lin = linear_module(alpha * w.astype(np.float64), None if c is None else beta * c.astype(np.float64))
         self.set_out(n, self.b.module(n.name or n.output[0], lin, x), 2)
 
     def _op_MatMul(self, n: Any, at: dict[str, Any]) -> None:
         a, b = n.input[0], n.input[1]
         if b in self.consts and self.consts[b].ndim == 2 and a in self.values:
-            lin = self._linear(self.consts[b].T, None)
+            lin = linear_module(self.consts[b].T, None)
             self.linear_from_matmul[n.output[0]] = lin
             self.set_out(n, self.b.module(n.name or n.output[0], lin, self.values[a]), self.rank.get(a))
             return

@@ -234,6 +234,36 @@ def test_unsupported_op_and_missing_param_are_named(tiny, tmp_path: Path) -> Non
         load_mxnet_model(tmp_path / "broken.json", pf)
 
 
+def test_elementwise_reshape_and_head_ops_match_torch(tmp_path: Path) -> None:
+    """The op handlers the tiny block does not reach, against the same computation in torch."""
+    s = _Sym()
+    s.var("data")
+    s.op("Activation", "relu", ["data"], act_type="relu")
+    s.op("clip", "clip", ["data"], a_min="-0.5", a_max="0.5")
+    s.op("broadcast_mul", "mul", ["relu", "clip"])
+    s.op("_rminus_scalar", "rminus", ["mul"], scalar="2")
+    s.op("_div_scalar", "div", ["rminus"], scalar="4")
+    s.op("add_n", "sum3", ["div", "relu", "clip"])
+    s.op("LeakyReLU", "leaky", ["sum3"], act_type="leaky", slope="0.1")
+    s.op("Concat", "cat", ["leaky", "data"], dim="1")
+    s.op("Pooling", "gap", ["cat"], global_pool="True", pool_type="avg", kernel="(1, 1)")
+    s.op("Reshape", "flat", ["gap"], shape="(0, -1)")
+    s.var("fc_weight")
+    head = s.op("FullyConnected", "fc", ["flat", "fc_weight"], num_hidden="2", no_bias="True")
+    w = RNG.standard_normal((2, 6)).astype(np.float32)
+    sym = s.save(tmp_path / "ops-symbol.json", head)
+    gm = load_mxnet_model(sym, write_params(tmp_path / "ops.params", {"arg:fc_weight": w}))
+    assert not gm.meta_preprocessing["graph_normalizes"]  # scalar ops after other ops are not input scaling
+
+    x = torch.randn(2, 3, 5, 5)
+    relu, clip = x.clamp(min=0), x.clamp(-0.5, 0.5)
+    y = F.leaky_relu((2 - relu * clip) / 4 + relu + clip, 0.1)
+    want = F.linear(torch.cat([y, x], 1).mean((2, 3)), torch.from_numpy(w))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), want, atol=1e-5, rtol=1e-5)
+    assert isinstance(gm.get_submodule("clip"), nn.Hardtanh)
+
+
 # ---------------------------------------------------------------------------------------------
 # Real model (skipped unless ../shared exists)
 # ---------------------------------------------------------------------------------------------
