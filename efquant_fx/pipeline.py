@@ -47,29 +47,15 @@ def evaluate_models(recipe: Recipe, models: dict[str, nn.Module], out: Path, *,
     ``evals`` replaces the recipe's ``eval:`` entries (``efquant-fx eval --eval``); the metrics file
     keeps the recipe's hash either way, so it still points at the run that made the model.
     """
-    from efquant_fx.eval import build_evaluators, model_hash, plot_roc, write_metrics_json
+    from efquant_fx.eval.run import evaluate_and_report
 
     specs = recipe.eval if evals is None else evals
-    evaluators = build_evaluators(specs, source="--eval" if evals is not None else "recipe eval")
-    if not evaluators:
+    source = "--eval" if evals is not None else "recipe eval"
+    if not specs:
         raise EfquantError("no evaluators: add an eval: section to the recipe or pass --eval", field="eval")
-    device = resolve_device(recipe.device)
-    cache = out / "feature_cache"
-    results: dict[str, list] = {role: [] for role in models}
-    for ev in evaluators:
-        for role, model in models.items():
-            results[role].append(ev.evaluate(model.eval(), device=str(device), cache=cache, progress=progress))
-    hashes = {role: model_hash(model) for role, model in models.items()}
-    write_metrics_json(out / "metrics.json", results, recipe_hash=recipe.hash, model_hashes=hashes,
-                       extra={"recipe": recipe.name, **(extra or {})})
-    curves = {}
-    for role in models:
-        for r in results[role]:
-            if r.curve is not None:
-                curves[f"{role} {r.name}"] = r
-    if curves:
-        plot_roc(out / "roc.png", curves, title=recipe.name)
-    return results
+    return evaluate_and_report(specs, models, out, device=str(resolve_device(recipe.device)), source=source,
+                               progress=progress, recipe_hash=recipe.hash, title=recipe.name,
+                               extra={"recipe": recipe.name, **(extra or {})})
 
 
 def evaluate_pair(recipe: Recipe, teacher: nn.Module, student: nn.Module, out: Path,

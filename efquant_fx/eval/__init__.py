@@ -6,7 +6,7 @@ student share decoded images. Built-ins: ``lfw_bin`` (insightface ``.bin`` packs
 folder + pairs list), ``dense`` (all-vs-all TAR@FAR), ``ijb`` (IJB-B/C 1:1), ``identification`` (1:N).
 """
 
-from efquant_fx.eval.base import Evaluator
+from efquant_fx.eval.base import EmbeddingEvaluator, Evaluator
 from efquant_fx.eval.cache import FeatureCache
 from efquant_fx.eval.embed import extract_embeddings, model_hash
 from efquant_fx.eval.plot import plot_roc
@@ -19,15 +19,18 @@ from efquant_fx.eval.registry import (
 )
 from efquant_fx.eval.report import compare_table, flatten_metrics, write_metrics_json
 from efquant_fx.eval.result import Curve, EvalResult, far_key
+from efquant_fx.eval.run import evaluate_and_report, run_evaluator
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Curve",
+    "EmbeddingEvaluator",
     "EvalResult",
     "Evaluator",
     "FeatureCache",
     "build_evaluators",
     "compare_table",
+    "evaluate_and_report",
     "extract_embeddings",
     "far_key",
     "flatten_metrics",
@@ -36,5 +39,6 @@ __all__ = [
     "model_hash",
     "plot_roc",
     "register_evaluator",
+    "run_evaluator",
     "write_metrics_json",
 ]

@@ -8,13 +8,11 @@ entry; an unreadable entry is treated as a miss and rewritten.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from efquant_fx.errors import EfquantError
+from efquant_fx.files import atomic_path
 
 
 def cache_key(*parts: object) -> str:
@@ -43,23 +41,10 @@ class FeatureCache:
             return None
 
     def save(self, kind: str, key: str, array: np.ndarray) -> Path:
-        """Store ``array`` atomically (temp file + ``os.replace``)."""
+        """Store ``array`` atomically (:func:`efquant_fx.files.atomic_path`)."""
         path = self._path(kind, key)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{kind}-", suffix=".npy.tmp", dir=self.root)
-        except OSError as exc:
-            raise EfquantError(
-                f"cannot write the feature cache: {exc.strerror or exc}", source=str(self.root)
-            ) from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
         return path
 
 

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.eval.cache import FeatureCache
-from efquant_fx.eval.embed import extract_embeddings, l2_normalize, xnorm
+from efquant_fx.eval.base import EmbeddingEvaluator
+from efquant_fx.eval.embed import l2_normalize, xnorm
 from efquant_fx.eval.images import ImageSet, list_image_files, resolve_under_root
 from efquant_fx.eval.metrics import allowed_false_accepts, roc_from_top, tar_at_far_from_top
 from efquant_fx.eval.pairs import lfw_identities
@@ -120,7 +118,7 @@ def _read_image_list(path: Path, root: Path) -> list[tuple[Path, str]]:
     return out
 
 
-class DenseVerification:
+class DenseVerification(EmbeddingEvaluator):
     """All-vs-all TAR@FAR on an identity-folder tree (``<root>/<identity>/<image>``).
 
     Image selection, in order of precedence: ``image_list`` (lines ``path [identity]`` relative to
@@ -188,26 +186,8 @@ class DenseVerification:
             self._data = (ImageSet.from_files([p for p, _ in entries]), labels, names)
         return self._data
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        cache: FeatureCache | str | Path | None = None,
-        progress: bool | None = None,
-    ) -> EvalResult:
-        images, labels, names = self.load()
-        feats = extract_embeddings(
-            model,
-            images,
-            flip=self.flip,
-            device=device,
-            batch_size=batch_size,
-            cache=cache,
-            progress=progress,
-            description=self.label,
-        )
+    def score(self, feats: np.ndarray, data: tuple[ImageSet, np.ndarray, list[str]]) -> EvalResult:
+        images, labels, names = data
         emb = l2_normalize(feats.sum(axis=1) if self.flip else feats[:, 0]).astype(np.float32)
         tars, scores = dense_tar_at_far(emb, labels, self.fars, block_elements=self.block_elements)
         metrics = {far_key(f): t for f, t in tars.items()}

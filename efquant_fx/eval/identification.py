@@ -12,12 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.eval.cache import FeatureCache
-from efquant_fx.eval.embed import extract_embeddings, l2_normalize
+from efquant_fx.eval.base import EmbeddingEvaluator
+from efquant_fx.eval.embed import l2_normalize
 from efquant_fx.eval.images import ImageSet, list_image_files, resolve_under_root
 from efquant_fx.eval.result import EvalResult
 
@@ -31,7 +29,7 @@ def _scan(folder: Path) -> list[tuple[Path, str]]:
     return out
 
 
-class Identification:
+class Identification(EmbeddingEvaluator):
     """Rank-k identification accuracy (``rank1``, ``rank5`` ... per ``ranks``)."""
 
     name = "identification"
@@ -72,26 +70,8 @@ class Identification:
             self._data = (ImageSet.from_files([p for p, _ in entries]), labels, is_gallery, names)
         return self._data
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        cache: FeatureCache | str | Path | None = None,
-        progress: bool | None = None,
-    ) -> EvalResult:
-        images, labels, is_gallery, names = self.load()
-        feats = extract_embeddings(
-            model,
-            images,
-            flip=self.flip,
-            device=device,
-            batch_size=batch_size,
-            cache=cache,
-            progress=progress,
-            description=self.label,
-        )
+    def score(self, feats: np.ndarray, data: tuple[ImageSet, np.ndarray, np.ndarray, list[str]]) -> EvalResult:
+        _, labels, is_gallery, names = data
         emb = l2_normalize(feats.sum(axis=1) if self.flip else feats[:, 0])
         g_lab = labels[is_gallery]
         g_ids = np.unique(g_lab)

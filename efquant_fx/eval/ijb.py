@@ -18,18 +18,16 @@ so numbers compare with published IJB tables.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
-from torch import nn
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.eval.cache import FeatureCache
-from efquant_fx.eval.embed import extract_embeddings, l2_normalize, xnorm
+from efquant_fx.eval.base import EmbeddingEvaluator
+from efquant_fx.eval.embed import l2_normalize, xnorm
 from efquant_fx.eval.images import ImageSet, resolve_under_root
 from efquant_fx.eval.metrics import tar_at_far_nearest
 from efquant_fx.eval.result import Curve, EvalResult, far_key
@@ -51,14 +49,21 @@ class IJBMeta:
     pair_label: np.ndarray
 
 
-def _lines(path: Path) -> list[tuple[int, list[str]]]:
+def _rows(path: Path, n_fields: int, layout: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line number, fields)`` of each non-blank line; a line without ``n_fields`` fields is refused."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EfquantError("IJB meta file not found", source=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise EfquantError(f"cannot read IJB meta file ({exc})", source=str(path)) from None
-    return [(i + 1, ln.split()) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+    for i, line in enumerate(text.splitlines()):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != n_fields:
+            raise EfquantError(f"expected {layout!r}", source=str(path), field=f"line {i + 1}")
+        yield i + 1, fields
 
 
 def _numbers(fields: list[str], kind: type, path: Path, no: int) -> list:
@@ -78,22 +83,14 @@ def read_ijb_meta(meta_dir: Path, prefix: str) -> IJBMeta:
     names: list[str] = []
     tids: list[int] = []
     mids: list[int] = []
-    for no, f in _lines(tid_path):
-        if len(f) != 3:
-            raise EfquantError(
-                "expected 'image template_id media_id'", source=str(tid_path), field=f"line {no}"
-            )
+    for no, f in _rows(tid_path, 3, "image template_id media_id"):
         names.append(f[0])
         t, m = _numbers(f[1:], int, tid_path, no)
         tids.append(t)
         mids.append(m)
     lms: list[list[float]] = []
     scores: list[float] = []
-    for i, (no, f) in enumerate(_lines(pts_path)):
-        if len(f) != 12:
-            raise EfquantError(
-                "expected 'image x1 y1 ... x5 y5 score'", source=str(pts_path), field=f"line {no}"
-            )
+    for i, (no, f) in enumerate(_rows(pts_path, 12, "image x1 y1 ... x5 y5 score")):
         if i >= len(names) or f[0] != names[i]:
             other = names[i] if i < len(names) else "nothing"
             raise EfquantError(
@@ -111,11 +108,7 @@ def read_ijb_meta(meta_dir: Path, prefix: str) -> IJBMeta:
     t1: list[int] = []
     t2: list[int] = []
     labels: list[int] = []
-    for no, f in _lines(pair_path):
-        if len(f) != 3:
-            raise EfquantError(
-                "expected 'template1 template2 label'", source=str(pair_path), field=f"line {no}"
-            )
+    for no, f in _rows(pair_path, 3, "template1 template2 label"):
         a, b, lab = _numbers(f, int, pair_path, no)
         if lab not in (0, 1):
             raise EfquantError(f"label must be 0 or 1, got {lab}", source=str(pair_path), field=f"line {no}")
@@ -180,7 +173,7 @@ def template_pair_scores(
     return out
 
 
-class IJBVerification:
+class IJBVerification(EmbeddingEvaluator):
     """IJB-B/IJB-C 1:1 verification (see module docstring for layout, options and the TAR rule).
 
     ``prefix`` is the meta files' prefix (``ijbb``/``ijbc``), inferred when the meta folder has one
@@ -234,6 +227,11 @@ class IJBVerification:
         """insightface's test-mode tag, e.g. ``N1D1F1``."""
         return f"N{int(self.use_norm_score)}D{int(self.use_detector_score)}F{int(self.use_flip)}"
 
+    @property
+    def flip(self) -> bool:
+        """``use_flip`` (insightface's name for the option) under the name the base class embeds with."""
+        return self.use_flip
+
     def load(self) -> tuple[ImageSet, IJBMeta]:
         """Meta files and the image set, read once."""
         if self._data is None:
@@ -246,26 +244,8 @@ class IJBVerification:
             self._data = (images, meta)
         return self._data
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        cache: FeatureCache | str | Path | None = None,
-        progress: bool | None = None,
-    ) -> EvalResult:
-        images, meta = self.load()
-        feats = extract_embeddings(
-            model,
-            images,
-            flip=self.use_flip,
-            device=device,
-            batch_size=batch_size,
-            cache=cache,
-            progress=progress,
-            description=self.label,
-        )
+    def score(self, feats: np.ndarray, data: tuple[ImageSet, IJBMeta]) -> EvalResult:
+        images, meta = data
         img = feats.sum(axis=1).astype(np.float64) if self.use_flip else feats[:, 0].astype(np.float64)
         if not self.use_norm_score:
             img = l2_normalize(img)

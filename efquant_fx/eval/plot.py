@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from efquant_fx.errors import EfquantError
 from efquant_fx.eval.result import Curve, EvalResult
+from efquant_fx.files import atomic_path
 
 
 def plot_roc(
@@ -52,17 +50,6 @@ def plot_roc(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right")
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    except OSError as exc:
-        raise EfquantError(f"cannot write plot: {exc.strerror or exc}", source=str(path)) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
     return path

@@ -8,7 +8,10 @@ A plugin package exposes a class (or factory) in the entry-point group ``efquant
 It is then usable from recipes as ``{name: megaface, ...options}``. The factory is called with
 the recipe options as keyword arguments and must return an object with ``name``, ``label`` and
 ``evaluate(model, *, device, batch_size, cache) -> EvalResult`` (:class:`~efquant_fx.eval.base.Evaluator`).
-Built-in names win over plugins of the same name.
+``evaluate`` may also accept ``progress: bool | None`` (show a progress bar); it is passed only to
+evaluators that accept it (:func:`~efquant_fx.eval.run.run_evaluator`). Evaluators that embed one
+image set and score the embeddings can subclass :class:`~efquant_fx.eval.base.EmbeddingEvaluator`
+and write only ``load()`` and ``score()``. Built-in names win over plugins of the same name.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from efquant_fx.errors import EfquantError
 from efquant_fx.eval.result import EvalResult
+from efquant_fx.files import atomic_write_text
 
 ResultsLike = EvalResult | Sequence[EvalResult] | Mapping[str, Any]
 
@@ -115,19 +114,7 @@ def write_metrics_json(
         "extra": _jsonable(dict(extra or {})),
     }
     text = json.dumps(_jsonable(doc), indent=2, allow_nan=False, sort_keys=False) + "\n"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise EfquantError(f"cannot write metrics file: {exc.strerror or exc}", source=str(path)) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     return path
 
 

@@ -12,13 +12,11 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score, roc_curve
-from torch import nn
 
 from efquant_fx.errors import EfquantError
-from efquant_fx.eval.cache import FeatureCache
-from efquant_fx.eval.embed import extract_embeddings, xnorm
+from efquant_fx.eval.base import EmbeddingEvaluator
+from efquant_fx.eval.embed import xnorm
 from efquant_fx.eval.images import ImageSet
 from efquant_fx.eval.metrics import kfold_accuracy, pair_distances
 from efquant_fx.eval.pairs import PairList, read_pairs
@@ -59,7 +57,7 @@ def verification_result(
     return EvalResult(name=name, protocol=protocol, metrics=metrics, curve=curve, info=info)
 
 
-class BinVerification:
+class BinVerification(EmbeddingEvaluator):
     """insightface ``.bin`` pack (lfw.bin, cfp_fp.bin, agedb_30.bin...), read with a restricted unpickler.
 
     ``n_folds`` defaults to 10 as in insightface; our LFW dev pack holds 3 LFW folds, use ``n_folds=3``.
@@ -94,33 +92,15 @@ class BinVerification:
             self._data = (ImageSet(bins, names, fingerprint=digest), np.asarray(issame, dtype=bool))
         return self._data
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        cache: FeatureCache | str | Path | None = None,
-        progress: bool | None = None,
-    ) -> EvalResult:
-        images, issame = self.load()
-        feats = extract_embeddings(
-            model,
-            images,
-            flip=self.flip,
-            device=device,
-            batch_size=batch_size,
-            cache=cache,
-            progress=progress,
-            description=self.label,
-        )
+    def score(self, feats: np.ndarray, data: tuple[ImageSet, np.ndarray]) -> EvalResult:
+        issame = data[1]
         idx = np.arange(len(issame))
         return verification_result(
             self.label, self.name, feats, 2 * idx, 2 * idx + 1, issame, n_folds=self.n_folds, flip=self.flip
         )
 
 
-class PairsVerification:
+class PairsVerification(EmbeddingEvaluator):
     """Pair verification on an image folder with a pairs list (LFW ``pairs.txt`` or ``path1 path2 label``).
 
     ``root`` is the folder the list's paths are relative to (default: the list's folder); for LFW
@@ -170,33 +150,8 @@ class PairsVerification:
             return self._n_folds
         return self.load()[3].n_sets or 10
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        batch_size: int = 64,
-        cache: FeatureCache | str | Path | None = None,
-        progress: bool | None = None,
-    ) -> EvalResult:
-        images, left, right, pl = self.load()
-        feats = extract_embeddings(
-            model,
-            images,
-            flip=self.flip,
-            device=device,
-            batch_size=batch_size,
-            cache=cache,
-            progress=progress,
-            description=self.label,
-        )
+    def score(self, feats: np.ndarray, data: tuple[ImageSet, np.ndarray, np.ndarray, PairList]) -> EvalResult:
+        _, left, right, pl = data
         return verification_result(
-            self.label,
-            self.name,
-            feats,
-            left,
-            right,
-            np.asarray(pl.issame),
-            n_folds=self.n_folds,
-            flip=self.flip,
+            self.label, self.name, feats, left, right, np.asarray(pl.issame), n_folds=self.n_folds, flip=self.flip
         )
