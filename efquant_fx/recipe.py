@@ -60,7 +60,7 @@ class DataSpec(_Strict):
     def _registered_kind(cls, v: str) -> str:
         from pydantic_core import PydanticCustomError
 
-        from efquant_fx.data.registry import is_dataset_kind, list_dataset_kinds  # imports the built-in kinds
+        from efquant_fx.datakinds import is_dataset_kind, list_dataset_kinds  # imports the built-in kinds
 
         if not is_dataset_kind(v):
             kinds = [repr(k) for k in list_dataset_kinds()]
@@ -71,7 +71,7 @@ class DataSpec(_Strict):
     def dataset_fields(self) -> dict[str, Any]:
         """The spec :func:`efquant_fx.data.build_data` takes (it calls ``verify`` ``validate``); ``n``,
         ``cache`` and ``steps`` only for kinds that take them."""
-        from efquant_fx.data.registry import get_dataset_kind
+        from efquant_fx.datakinds import get_dataset_kind
 
         fields = self.model_dump(exclude_none=True, exclude={"n", "cache", "steps"} - get_dataset_kind(self.kind).keys)
         if "verify" in fields:

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "efquant_fx"
 
 # the floors, bottom to top; a module may import from its own floor or below, never above
 FLOORS: dict[str, int] = {
-    "errors": 0, "files": 0, "device": 0, "rundir": 0,
+    "errors": 0, "files": 0, "device": 0, "rundir": 0, "datakinds": 0,
     "recipe": 1,
     "result": 2, "models": 2,
     "graph": 3, "data": 3,
@@ -35,12 +35,25 @@ def _room(module: str) -> str:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:`` (annotations only, never run)."""
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
 def _imports() -> dict[str, set[str]]:
     """Every efquant_fx import of every module, lazy (function-level) imports included."""
     edges: dict[str, set[str]] = defaultdict(set)
     for path in PACKAGE.rglob("*.py"):
         module = _module_name(path)
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("efquant_fx"):
                 edges[module].add(node.module)
             elif isinstance(node, ast.Import):

@@ -3,8 +3,8 @@
 Bad images are handled in two places (documented choice):
 
 1. At construction, :func:`validate_entries` decodes every *selected* entry (the selection is at most
-   a few tens of thousands of small JPEGs, about 2 s per 6k on one core) and drops the ones that
-   fail, counting them in the :class:`DataReport`. ``validate="header"`` only opens headers (faster,
+   a few tens of thousands of small JPEGs, so this is cheap next to fine-tuning) and drops the ones
+   that fail, counting them in the :class:`DataReport`. ``validate="header"`` only opens headers (faster,
    misses truncated data) and ``validate="none"`` skips the scan.
 2. At read time, a sample that still fails (file changed, or not scanned) is replaced by the next
    readable sample of the same identity (else the next readable sample), deterministically, and

@@ -1,86 +1,92 @@
-"""``build_dataset(spec)``: one entry point from a recipe's ``data:`` mapping to (dataset, report).
+"""The builder: a recipe's ``data:`` mapping -> ``(dataset, DataReport)``, for every registered kind.
 
-Steps: list entries (kind-specific) -> select the subset (seeded) -> validate the selected images
--> renumber labels. Every step's counts and shortfalls end up in the returned :class:`DataReport`.
-
-New kinds (e.g. ``synthetic``) plug in with :func:`register_dataset_kind`; the factory receives
-the spec (paths already resolved), the transform and the seed, and returns a :class:`FaceDataset`.
+:func:`build_data` looks ``kind`` up in the registry (:mod:`efquant_fx.datakinds`; plugins add
+kinds with :func:`register_dataset_kind`) and builds it. Kinds that read images (folder, list,
+recordio): check the keys -> resolve paths -> list entries (the kind's factory) -> select the subset
+(seeded) -> validate the selected images -> renumber labels; every step's counts and shortfalls end
+up in the report. Generated kinds (random, synthetic) are made by their factory alone.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from efquant_fx.data.base import FaceDataset, Validate, validate_entries
-from efquant_fx.data.folder import ImageFolderDataset
-from efquant_fx.data.listfile import ListFileDataset
-from efquant_fx.data.recordio import RecordIODataset
+from torch import nn
+
+from efquant_fx.data.base import FaceDataset, validate_entries
 from efquant_fx.data.report import DataReport
 from efquant_fx.data.subset import select_subset
 from efquant_fx.data.transforms import FaceTransform
+from efquant_fx.datakinds import (
+    DATASET_KINDS,
+    BuildContext,
+    DatasetKind,
+    is_dataset_kind,
+    list_dataset_kinds,
+    register_dataset_kind,
+)
 from efquant_fx.errors import EfquantError
 
-log = logging.getLogger(__name__)
+__all__ = ["COMMON_KEYS", "DATASET_KINDS", "build_data", "build_dataset", "register_dataset_kind"]
 
-DatasetFactory = Callable[[dict[str, Any], FaceTransform, int], FaceDataset]
+log = logging.getLogger(__name__)
 
 COMMON_KEYS = frozenset(
     {"kind", "max_images", "max_identities", "min_images_per_identity", "seed", "validate", "flip"}
 )
+"""Keys every kind that reads images takes (subset selection, validation, augmentation)."""
+
+Fail = Callable[[str, str], EfquantError]
 
 
-@dataclass(frozen=True)
-class DatasetKind:
-    """A registered kind: its factory, the extra spec keys it accepts, which of them are paths."""
-
-    factory: DatasetFactory
-    keys: frozenset[str]
-    path_keys: frozenset[str]
-    required: frozenset[str]
-    default_validate: Validate = "decode"
-
-
-DATASET_KINDS: dict[str, DatasetKind] = {}
-
-
-def register_dataset_kind(
-    name: str,
+def build_data(
+    spec: Mapping[str, Any],
     *,
-    keys: Iterable[str] = (),
-    path_keys: Iterable[str] = (),
-    required: Iterable[str] = (),
-    default_validate: Validate = "decode",
-) -> Callable[[DatasetFactory], DatasetFactory]:
-    """Decorator: make ``{kind: name, ...}`` buildable. ``default_validate="none"`` suits generated data."""
+    train: bool = True,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    n_default: int | None = None,
+    limit: int | None = None,
+    batch_shape: tuple[int, int] = (1, 1),
+    progress: bool | None = None,
+    prefix: str = "data",
+    source: str | None = None,
+    base_dir: str | Path | None = None,
+) -> tuple[FaceDataset, DataReport]:
+    """Build the data described by ``spec`` (any registered kind) and report what was (not) loaded.
 
-    def decorate(factory: DatasetFactory) -> DatasetFactory:
-        if name in DATASET_KINDS:
-            raise ValueError(f"dataset kind {name!r} is already registered")
-        DATASET_KINDS[name] = DatasetKind(
-            factory, frozenset(keys), frozenset(path_keys), frozenset(required), default_validate
-        )
-        return factory
+    ``spec``: ``kind``, the kind's keys (paths relative to ``base_dir``, default the current
+    directory) and, for kinds that read images, optionally ``max_images``, ``max_identities``,
+    ``min_images_per_identity``, ``seed``, ``validate`` (decode | header | none) and ``flip``
+    (default true; only used when ``train``). ``seed``: the caller's seed, used when the spec has
+    none, except that calibration (``train=False``) selects read images with seed 0 (a recipe keeps
+    calibrating on the same images; the caller shuffles them). ``n_default``: images a generated
+    kind makes when the spec has no ``n`` (else the kind's default); ``limit``: the most images the
+    caller uses; ``batch_shape``: (P, K) of a training batch; ``teacher``: for kinds that need it.
+    Errors name ``source`` (the recipe file) and ``<prefix>.<field>``.
+    """
 
-    return decorate
+    def fail(message: str, key: str) -> EfquantError:
+        return EfquantError(message, source=source, field=f"{prefix}.{key}")
 
-
-@register_dataset_kind("folder", keys=("root",), path_keys=("root",), required=("root",))
-def _folder(spec: dict[str, Any], transform: FaceTransform, seed: int) -> FaceDataset:
-    return ImageFolderDataset(spec["root"], transform=transform, seed=seed)
-
-
-@register_dataset_kind("list", keys=("root", "list"), path_keys=("root", "list"), required=("list",))
-def _listfile(spec: dict[str, Any], transform: FaceTransform, seed: int) -> FaceDataset:
-    return ListFileDataset(spec["list"], spec.get("root"), transform=transform, seed=seed)
-
-
-@register_dataset_kind("recordio", keys=("root", "idx"), path_keys=("root", "idx"), required=("root",))
-def _recordio(spec: dict[str, Any], transform: FaceTransform, seed: int) -> FaceDataset:
-    return RecordIODataset(spec["root"], spec.get("idx"), transform=transform, seed=seed)
+    kind, spec = _resolve(spec, fail, source, prefix, base_dir)
+    if kind.needs_teacher and teacher is None:
+        raise fail(f"kind {kind.name!r} needs the teacher model to synthesize images from", "kind")
+    data_seed = spec["seed"] if "seed" in spec else (seed if train or kind.generated else 0)
+    if isinstance(data_seed, bool) or not isinstance(data_seed, int):
+        raise fail(f"must be an integer, got {data_seed!r}", "seed")
+    ctx = BuildContext(
+        transform=FaceTransform(train=train and bool(spec.get("flip", True))), seed=data_seed, train=train,
+        run_seed=seed, n=spec.get("n") or n_default or kind.default_n, limit=limit, batch_shape=batch_shape,
+        teacher=teacher, progress=progress, prefix=prefix,
+    )
+    if kind.generated:
+        dataset = kind.factory(spec, ctx)
+        return dataset, dataset.report
+    return _build_read(spec, kind, ctx, fail)
 
 
 def build_dataset(
@@ -91,56 +97,51 @@ def build_dataset(
     base_dir: str | Path | None = None,
     prefix: str = "data",
 ) -> tuple[FaceDataset, DataReport]:
-    """Build the fine-tuning dataset described by ``spec`` and report what was (not) loaded.
+    """:func:`build_data` with the seed from the spec (default 0) and no teacher."""
+    return build_data(spec, train=train, source=source, base_dir=base_dir, prefix=prefix)
 
-    ``spec``: ``kind`` (folder | list | recordio | any registered kind), the kind's paths
-    (``root``, ``list``, ``idx``; relative ones resolve against ``base_dir``), and optionally
-    ``max_images``, ``max_identities``, ``min_images_per_identity``, ``seed`` (default 0),
-    ``validate`` (decode | header | none) and ``flip`` (default true; only used when ``train``).
-    Errors name ``source`` (the recipe file) and ``<prefix>.<field>``.
-    """
 
-    def fail(message: str, key: str) -> EfquantError:
-        return EfquantError(message, source=source, field=f"{prefix}.{key}")
-
+def _resolve(spec: Mapping[str, Any], fail: Fail, source: str | None, prefix: str,
+             base_dir: str | Path | None) -> tuple[DatasetKind, dict[str, Any]]:
+    """The kind's entry and a copy of ``spec`` with its keys checked and its paths resolved."""
     if not isinstance(spec, Mapping):
         raise EfquantError(f"expected a mapping, got {type(spec).__name__}", source=source, field=prefix)
     spec = dict(spec)
-    kind_name = spec.get("kind")
-    if kind_name not in DATASET_KINDS:
-        raise fail(f"unknown kind {kind_name!r}; known: {', '.join(sorted(DATASET_KINDS))}", "kind")
-    kind = DATASET_KINDS[kind_name]
-    for key in spec:
-        if key not in COMMON_KEYS | kind.keys:
-            raise fail(
-                f"unknown key for kind {kind_name!r}; allowed: {', '.join(sorted(COMMON_KEYS | kind.keys))}",
-                key,
-            )
+    name = spec.get("kind")
+    if not is_dataset_kind(name):
+        raise fail(f"unknown kind {name!r}; known: {', '.join(list_dataset_kinds())}", "kind")
+    kind = DATASET_KINDS[name]
+    if not kind.generated:  # generated kinds read what they need and ignore the rest
+        allowed = COMMON_KEYS | kind.keys
+        for key in spec:
+            if key not in allowed:
+                raise fail(f"unknown key for kind {name!r}; allowed: {', '.join(sorted(allowed))}", key)
     for key in sorted(kind.required):
         if spec.get(key) in (None, ""):
-            raise fail(f"required for kind {kind_name!r}", key)
+            raise fail(f"required for kind {name!r}", key)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     for key in kind.path_keys:
         if spec.get(key) is not None:
             path = Path(str(spec[key])).expanduser()
             spec[key] = path if path.is_absolute() else base / path
-    seed = spec.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise fail(f"must be an integer, got {seed!r}", "seed")
+    return kind, spec
+
+
+def _build_read(spec: dict[str, Any], kind: DatasetKind, ctx: BuildContext,
+                fail: Fail) -> tuple[FaceDataset, DataReport]:
+    """List, select, validate: a kind that reads images."""
     validate = spec.get("validate", kind.default_validate)
     if validate not in ("decode", "header", "none"):
         raise fail(f"must be decode, header or none, got {validate!r}", "validate")
-
-    transform = FaceTransform(train=train and bool(spec.get("flip", True)))
     try:
-        dataset = kind.factory(spec, transform, seed)
+        dataset = kind.factory(spec, ctx)
         report = dataset.report
         subset = select_subset(
             dataset.labels,
             max_images=spec.get("max_images"),
             max_identities=spec.get("max_identities"),
             min_images_per_identity=spec.get("min_images_per_identity", 1),
-            seed=seed,
+            seed=ctx.seed,
         )
     except EfquantError as exc:
         if exc.source is None and exc.field is not None:  # a bare field error: point at the recipe
@@ -148,7 +149,7 @@ def build_dataset(
         named = [key for key in sorted(kind.path_keys) if spec.get(key) is not None and exc.source == str(spec[key])]
         if named:  # about a path the spec names (e.g. not found): the resolved path, then its recipe field
             message = str(exc).removeprefix(f"{exc.source}: ").removeprefix(f"{exc.field}: " if exc.field else "")
-            raise EfquantError(message, source=exc.source, field=f"{prefix}.{named[0]}") from None
+            raise EfquantError(message, source=exc.source, field=f"{ctx.prefix}.{named[0]}") from None
         raise
     report.notes.extend(subset.notes)
     dataset.keep(subset.indices)

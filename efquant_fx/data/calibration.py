@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from efquant_fx.data.build import build_data
 from efquant_fx.recipe import DataSpec
 
 
@@ -29,22 +30,17 @@ def as_batches(data: torch.Tensor | Iterable[Any], batch_size: int, limit: int) 
 
 def calibration_batches(spec: DataSpec, images: int, batch_size: int, seed: int,
                         teacher: nn.Module | None = None) -> list[torch.Tensor]:
-    """Images for calibration as a list of batches (kept in memory: a few hundred 112x112 images)."""
-    if spec.kind == "random":
-        g = torch.Generator().manual_seed(seed)
-        n = spec.n or images
-        x = torch.rand(min(n, images), 3, 112, 112, generator=g) * 2 - 1
-        return as_batches(x, batch_size, images)
-    if spec.kind == "synthetic":  # data-free: invert the teacher's BatchNorm statistics (cached on disk)
-        from efquant_fx.data.synthetic import synthetic_dataset
+    """Images for calibration as a list of batches (kept in memory: a few hundred 112x112 images).
 
-        dataset, _report = synthetic_dataset(spec.model_dump(exclude_none=True), teacher, n_default=images,
-                                             seed=seed, train=False, prefix="calibration.data")
-        return as_batches(dataset.images, batch_size, images)
-    from efquant_fx.data import build_dataset  # the data stage; only needed for real images
-
-    dataset, _report = build_dataset(spec.dataset_fields(), train=False, prefix="calibration.data")
-    # a seeded shuffle, so a few hundred calibration images span many identities
+    Any registered kind (:func:`efquant_fx.data.build.build_data`); generated kinds make ``images``
+    unless ``spec.n`` says otherwise. Images held in memory are used in order; images read from disk
+    are shuffled with ``seed`` first, so a few hundred of them span many identities.
+    """
+    dataset, _report = build_data(spec.dataset_fields(), train=False, seed=seed, teacher=teacher, n_default=images,
+                                  limit=images, prefix="calibration.data")
+    held = getattr(dataset, "images", None)
+    if isinstance(held, torch.Tensor):
+        return as_batches(held, batch_size, images)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:images].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
     return as_batches(loader, batch_size, images)

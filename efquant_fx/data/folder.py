@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 from efquant_fx.data.base import FaceDataset
 from efquant_fx.data.report import DataReport
 from efquant_fx.data.transforms import FaceTransform
+from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -68,3 +70,8 @@ class ImageFolderDataset(FaceDataset):
 
     def describe(self, key: Hashable) -> str:
         return str(self.root / str(key))
+
+
+@register_dataset_kind("folder", keys=("root",), path_keys=("root",), required=("root",))
+def folder_dataset(spec: dict[str, Any], ctx: BuildContext) -> FaceDataset:
+    return ImageFolderDataset(spec["root"], transform=ctx.transform, seed=ctx.seed)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 from efquant_fx.data.base import FaceDataset
 from efquant_fx.data.report import DataReport
 from efquant_fx.data.transforms import FaceTransform
+from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
 
 
@@ -99,3 +101,8 @@ class ListFileDataset(FaceDataset):
 
     def describe(self, key: Hashable) -> str:
         return str(self.root / str(key))
+
+
+@register_dataset_kind("list", keys=("root", "list"), path_keys=("root", "list"), required=("list",))
+def list_dataset(spec: dict[str, Any], ctx: BuildContext) -> FaceDataset:
+    return ListFileDataset(spec["list"], spec.get("root"), transform=ctx.transform, seed=ctx.seed)

@@ -31,6 +31,7 @@ import numpy as np
 from efquant_fx.data.base import FaceDataset
 from efquant_fx.data.report import DataReport
 from efquant_fx.data.transforms import FaceTransform, UnreadableImage
+from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
 
 MAGIC = 0xCED7230A
@@ -309,3 +310,8 @@ class RecordIODataset(FaceDataset):
 
     def describe(self, key: Hashable) -> str:
         return f"{self.reader.rec}#{key}"
+
+
+@register_dataset_kind("recordio", keys=("root", "idx"), path_keys=("root", "idx"), required=("root",))
+def recordio_dataset(spec: dict[str, Any], ctx: BuildContext) -> FaceDataset:
+    return RecordIODataset(spec["root"], spec.get("idx"), transform=ctx.transform, seed=ctx.seed)

@@ -7,20 +7,16 @@ total-variation prior (``tv_weight``, off by default). Hooks sit on the BN *modu
 GraphModule from the ONNX/MXNet importers works as long as its BatchNorms are ``nn.BatchNorm*d``
 modules (they are). A model without BatchNorm running statistics cannot be inverted: EfquantError.
 
-Speed is the trade-off that sets the defaults. On 2 CPU cores a forward+backward of MobileFaceNet
-costs about 40 ms per 112x112 image when the machine is idle and ~75 ms on one core of a busy one, so
-256 images in well under two minutes allow only ~6 steps per image, not ZeroQ's 500. Two choices make
-those steps count (measured on the insightface MobileFaceNet teacher, BN loss of 32 images; real LFW
-faces score ~900, the initial noise ~48,000):
+The defaults are chosen for speed on CPU, where only a few optimisation steps per image are
+affordable (ZeroQ uses hundreds). Two choices make those steps count:
 
-* the pixels are optimised on a 56x56 grid, bilinearly upsampled to 112x112 for the network
-  (``resolution``): same network cost, but a smoother, better-conditioned problem. 6 steps reach
-  ~6,500, against ~9,500 for 6 full-resolution steps and ~6,000 for 10 (lr 0.05). The price is
-  images without pixel-level detail;
-* Adam with a high learning rate (0.07, cosine-decayed) and betas (0.5, 0.9).
+* the pixels are optimised on a coarser grid (``resolution``), bilinearly upsampled to 112x112 for the
+  network: same network cost, but a smoother, better-conditioned problem that lowers the BN loss
+  faster per step. The price is images without pixel-level detail;
+* Adam with a high, cosine-decayed learning rate and low betas.
 
-More ``steps`` keep lowering the loss at linear cost (8 steps: ~5,300). Running the network itself
-at half resolution was tried and dropped: statistics at another scale barely transfer.
+More ``steps`` keep lowering the loss at linear cost. Running the network itself at a lower resolution
+does not work: statistics at another scale barely transfer.
 
 The images are cached as uint8 pixels (what a real image pipeline gives) in
 ``<cache>/synthetic-<key>.pt``, keyed by the teacher's weights hash, ``n``, ``seed``, ``steps`` and
@@ -50,12 +46,14 @@ from torch import Tensor, nn
 
 from efquant_fx.data.base import FaceDataset, sample_seed
 from efquant_fx.data.report import DataReport
+from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULTS",
+    "DEFAULT_N",
     "BNStatLoss",
     "SyntheticDataset",
     "bn_statistics_loss",
@@ -67,6 +65,8 @@ __all__ = [
 IMAGE_SIZE = 112
 DEFAULTS: dict[str, Any] = dict(steps=6, batch_size=64, lr=0.07, tv_weight=0.0, resolution=56)
 """Settings chosen for speed on CPU (module docstring); ``steps`` is also the recipe's ``data.steps``."""
+DEFAULT_N = 512
+"""Images synthesized for fine-tuning when ``data.n`` is not set (calibration makes ``calibration.images``)."""
 _VERSION = "bn-inversion-v1"
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -379,3 +379,11 @@ def synthetic_dataset(spec: Mapping[str, Any], teacher: nn.Module | None, *, n_d
     dataset = SyntheticDataset(images, train=train, seed=seed,
                                source=f"synthetic(n={n}, seed={seed}, cache={spec.get('cache')})")
     return dataset, dataset.report
+
+
+@register_dataset_kind("synthetic", keys=("n", "cache", "steps"), generated=True, needs_teacher=True,
+                       identities=False, default_n=DEFAULT_N)
+def _synthetic(spec: dict[str, Any], ctx: BuildContext) -> SyntheticDataset:
+    dataset, _report = synthetic_dataset(spec, ctx.teacher, n_default=ctx.n or DEFAULT_N, seed=ctx.seed,
+                                         train=ctx.train, progress=ctx.progress, prefix=ctx.prefix)
+    return dataset
