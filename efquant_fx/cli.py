@@ -148,7 +148,8 @@ def apply_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="continue a fine-tune from its last checkpoint")] = False,
 ) -> None:
     """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory."""
-    from efquant_fx.pipeline import check_writable, run_recipe
+    from efquant_fx.files import check_writable
+    from efquant_fx.pipeline import run_recipe
     from efquant_fx.recipe import load_recipe, with_image_source
 
     overrides = list(set_)
@@ -220,10 +221,6 @@ def parse_eval_spec(text: str) -> dict[str, Any]:
     return entry
 
 
-def _looks_like_path(target: str) -> bool:
-    return "/" in target or os.sep in target or target.startswith(".")
-
-
 @app.command("eval")
 @guarded
 def eval_cmd(
@@ -240,50 +237,16 @@ def eval_cmd(
                                              "(default: RUN_DIR/eval, or runs/eval/MODEL)")] = None,
 ) -> None:
     """Evaluate a run's compressed model next to its teacher (or a plain model alone); write metrics.json."""
-    from efquant_fx.eval import build_evaluators, compare_table
-    from efquant_fx.pipeline import check_writable, evaluate_models
-    from efquant_fx.recipe import load_recipe
-    from efquant_fx.reload import RECIPE_FILE, load_result
+    from efquant_fx.eval import compare_table
+    from efquant_fx.pipeline import prepare_eval, run_eval
 
-    entries = [parse_eval_spec(e) for e in evals] or None
-    given = load_recipe(recipe) if recipe else None
-    if entries is None and given is not None and given.eval:
-        entries = given.eval
-    path = Path(target)
-    run_dir = path.is_dir()
-    if run_dir:
-        if not (path / RECIPE_FILE).is_file():
-            raise EfquantError(f"not a run directory (no {RECIPE_FILE}); evaluate a model by zoo name or file",
-                               source=target)
-        spec = load_recipe(path / RECIPE_FILE)
-        if entries is None and not spec.eval:
-            raise EfquantError("the run's recipe has no eval: section; pass --eval or --recipe", source=target)
-        out = out if out is not None else path / "eval"
-    else:
-        if model is not None:
-            raise EfquantError("only for a run directory; name the model as the argument", field="--model")
-        if _looks_like_path(target) and path.suffix.lower() not in (".onnx", ".json"):
-            raise EfquantError("no such run directory (nor an .onnx / -symbol.json model)", source=target)
-        if entries is None:
-            raise EfquantError("no evaluators: pass --eval or a --recipe with an eval: section", field="--eval")
-        spec = given if given is not None else load_recipe({})
-        out = out if out is not None else Path("runs/eval") / path.name.removesuffix("-symbol.json")
-    build_evaluators(entries if entries is not None else spec.eval, source="--eval")  # bad specs fail before any work
-    if run_dir:
-        check_writable(out)
-        result = load_result(path, model=model, weights=weights)
-        _print_reload_notes(result)
-        spec = result.recipe
-        models, names = {"teacher": result.teacher, "student": result.model}, ["teacher", "compressed"]
-    else:
-        from efquant_fx.models import load_model
-
-        models, names = {"model": load_model(target, weights, **spec.model.kwargs)}, [target]
-        check_writable(out)  # after the model resolved: a mistyped name leaves no folder behind
-    results = evaluate_models(spec, models, out, evals=entries, progress=console.is_terminal,
-                              extra={"target": target})
-    console.print(compare_table(*results.values(), names=names, title=f"{target}: " + " vs ".join(names)))
-    console.print(f"metrics: {out / 'metrics.json'}", markup=False)
+    job = prepare_eval(target, recipe=recipe, evals=[parse_eval_spec(e) for e in evals] or None, weights=weights,
+                       model=model, out=out)
+    for note in job.notes:
+        console.print(f"note: {note}", markup=False)
+    results = run_eval(job, progress=console.is_terminal)
+    console.print(compare_table(*results.values(), names=job.names, title=f"{target}: " + " vs ".join(job.names)))
+    console.print(f"metrics: {job.out / 'metrics.json'}", markup=False)
 
 
 def _print_reload_notes(result: Any) -> None:
@@ -349,27 +312,10 @@ def export_cmd(
                                                  "torch_int8 parity)")] = None,
 ) -> None:
     """Reload a run directory and write deployable files (int8 ONNX, packed weights, torch int8)."""
-    from efquant_fx.export import FORMATS, export_model
-    from efquant_fx.export.files import output_dir
-    from efquant_fx.recipe import ExportConfig
-    from efquant_fx.reload import load_result
+    from efquant_fx.pipeline import export_run
 
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise EfquantError(f"unknown format {unknown[0]!r}; known: {', '.join(FORMATS)}", field="--format")
-    if opset is not None and opset < 13:
-        raise EfquantError(f"must be >= 13 (per-channel DequantizeLinear), got {opset}", field="--opset")
-    out = out if out is not None else run_dir / "export"
-    if run_dir.is_dir():
-        output_dir(out, field="--out")
-    result = load_result(run_dir, model=model, weights=weights)
+    result, out, reports = export_run(run_dir, out, formats=formats, opset=opset, model=model, weights=weights)
     _print_reload_notes(result)
-    config = (result.recipe.export or ExportConfig()).model_dump()
-    if formats:
-        config["formats"] = list(dict.fromkeys(formats))
-    if opset is not None:
-        config["opset"] = opset
-    reports = export_model(result, out, **config)
     console.print(_export_table(reports, title=f"{run_dir} -> {out}"))
     _print_export_notes(reports)
     console.print(f"manifest: {reports['manifest']}", markup=False)

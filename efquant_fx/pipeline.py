@@ -1,22 +1,27 @@
-"""A whole recipe run, as the CLI's ``apply`` does it: compress (+ fine-tune), evaluate teacher and
-student side by side, export, and leave everything in one run directory.
+"""Whole jobs over run directories, as the CLI runs them: ``apply`` (compress + fine-tune, evaluate
+teacher and student side by side, export), ``eval`` of a run or a plain model, ``export`` of a run.
 
-Run directory: ``recipe.yaml`` (resolved), ``compression.json`` (per-layer report), ``model.pt``
-(compressed state dict), fine-tune checkpoints, ``metrics.json``, ``roc.png``, ``export/``.
+Run directory (names in :mod:`efquant_fx.rundir`): ``recipe.yaml`` (resolved), ``compression.json``
+(per-layer report), ``model.pt`` (compressed state dict), fine-tune checkpoints, ``metrics.json``,
+``roc.png``, ``export/``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from efquant_fx.api import compress, resolve_device
+from efquant_fx.api import compress
+from efquant_fx.device import resolve_device
 from efquant_fx.errors import EfquantError
-from efquant_fx.recipe import Recipe, load_recipe
+from efquant_fx.files import check_writable, output_dir
+from efquant_fx.recipe import ExportConfig, Recipe, load_recipe
 from efquant_fx.result import CompressionResult
+from efquant_fx.rundir import EVAL_DIR, EXPORT_DIR, RECIPE_FILE
 
 
 @dataclass
@@ -25,18 +30,6 @@ class RunReport:
     result: CompressionResult
     metrics: dict[str, Any] = field(default_factory=dict)
     exports: dict[str, Any] = field(default_factory=dict)
-
-
-def check_writable(out: Path) -> None:
-    """Fail before any work when the run directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise EfquantError(f"output directory is not writable ({exc.strerror})", source=str(out),
-                           field="--out") from None
 
 
 def evaluate_models(recipe: Recipe, models: dict[str, nn.Module], out: Path, *,
@@ -71,7 +64,7 @@ def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module
     spec = load_recipe(recipe, overrides or [])
     out = Path(out_dir)
     check_writable(out)
-    spec.save(out / "recipe.yaml")  # written first: a failed run still says what was asked
+    spec.save(out / RECIPE_FILE)  # written first: a failed run still says what was asked
     result = compress(model if model is not None else spec.model.name, spec, finetune_dir=out, resume=resume)
     result.save(out)
     report = RunReport(out_dir=out, result=result)
@@ -80,5 +73,112 @@ def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module
     if spec.export is not None:
         from efquant_fx.export import export_model
 
-        report.exports = export_model(result, out / "export", **spec.export.model_dump())
+        report.exports = export_model(result, out / EXPORT_DIR, **spec.export.model_dump())
     return report
+
+
+@dataclass
+class EvalJob:
+    """What ``efquant-fx eval`` evaluates: the models by role, where metrics go, and reload notes."""
+
+    target: str
+    recipe: Recipe
+    models: dict[str, nn.Module]
+    names: list[str]
+    out: Path
+    evals: list[dict[str, Any]] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def _looks_like_path(target: str) -> bool:
+    return "/" in target or os.sep in target or target.startswith(".")
+
+
+def _eval_specs(target: str, path: Path, given: Recipe | None, evals: list[dict[str, Any]] | None,
+                model: str | None) -> tuple[Recipe, list[dict[str, Any]] | None]:
+    """The recipe and evaluator entries of an eval target, checked before any model is built."""
+    if evals is None and given is not None and given.eval:
+        evals = given.eval
+    if path.is_dir():
+        if not (path / RECIPE_FILE).is_file():
+            raise EfquantError(f"not a run directory (no {RECIPE_FILE}); evaluate a model by zoo name or file",
+                               source=target)
+        spec = load_recipe(path / RECIPE_FILE)
+        if evals is None and not spec.eval:
+            raise EfquantError("the run's recipe has no eval: section; pass --eval or --recipe", source=target)
+        return spec, evals
+    if model is not None:
+        raise EfquantError("only for a run directory; name the model as the argument", field="--model")
+    if _looks_like_path(target) and path.suffix.lower() not in (".onnx", ".json"):
+        raise EfquantError("no such run directory (nor an .onnx / -symbol.json model)", source=target)
+    if evals is None:
+        raise EfquantError("no evaluators: pass --eval or a --recipe with an eval: section", field="--eval")
+    return (given if given is not None else load_recipe({})), evals
+
+
+def prepare_eval(target: str, *, recipe: str | Path | None = None, evals: list[dict[str, Any]] | None = None,
+                 weights: str | Path | None = None, model: str | None = None,
+                 out: str | Path | None = None) -> EvalJob:
+    """Resolve ``target`` (a run directory, or a zoo name / model file to evaluate alone) into an
+    :class:`EvalJob`. Bad evaluator specs fail before any model is loaded or folder made."""
+    from efquant_fx.eval import build_evaluators
+    from efquant_fx.models import load_model
+    from efquant_fx.reload import load_result
+
+    path = Path(target)
+    spec, evals = _eval_specs(target, path, load_recipe(recipe) if recipe else None, evals, model)
+    build_evaluators(evals if evals is not None else spec.eval, source="--eval")
+    if path.is_dir():
+        out_path = Path(out) if out is not None else path / EVAL_DIR
+        check_writable(out_path)
+        result = load_result(path, model=model, weights=weights)
+        notes = [n.removeprefix("reload: ") for n in result.notes if n.startswith("reload: ")]
+        return EvalJob(target, result.recipe, {"teacher": result.teacher, "student": result.model},
+                       ["teacher", "compressed"], out_path, evals, notes)
+    out_path = Path(out) if out is not None else Path("runs/eval") / path.name.removesuffix("-symbol.json")
+    models = {"model": load_model(target, weights, **spec.model.kwargs)}
+    check_writable(out_path)  # after the model resolved: a mistyped name leaves no folder behind
+    return EvalJob(target, spec, models, [target], out_path, evals)
+
+
+def run_eval(job: EvalJob, *, progress: bool = True) -> dict[str, Any]:
+    """Evaluate every model of ``job``; writes metrics.json (and roc.png) into ``job.out``."""
+    return evaluate_models(job.recipe, job.models, job.out, evals=job.evals, progress=progress,
+                           extra={"target": job.target})
+
+
+def export_settings(base: ExportConfig | None, formats: list[str] | None = None,
+                    opset: int | None = None) -> ExportConfig:
+    """The recipe's ``export:`` section with the command line's formats/opset, validated by the schema."""
+    from pydantic import ValidationError
+
+    from efquant_fx.export import FORMATS
+
+    flags = {"formats": "--format", "opset": "--opset"}
+    given = {k: v for k, v in (("formats", list(dict.fromkeys(formats or []))), ("opset", opset)) if v}
+    try:
+        ExportConfig.model_validate(given)  # the overrides alone first: their errors name the flag
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key, got = str(err["loc"][0]), err.get("input")
+        detail = (f"unknown format {got!r}; known: {', '.join(FORMATS)}" if key == "formats"
+                  else f"must be >= 13 (per-channel DequantizeLinear), got {got}")
+        raise EfquantError(detail, field=flags.get(key, key)) from None
+    return (base or ExportConfig()).model_copy(update=given)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: list[str] | None = None,
+               opset: int | None = None, model: str | None = None,
+               weights: str | Path | None = None) -> tuple[CompressionResult, Path, dict[str, Any]]:
+    """Reload a run directory and write its deployable files (``efquant-fx export``)."""
+    from efquant_fx.export import export_model
+    from efquant_fx.reload import load_result
+
+    export_settings(None, formats, opset)  # bad flags fail before the reload
+    run = Path(run_dir)
+    out_path = Path(out) if out is not None else run / EXPORT_DIR
+    if run.is_dir():
+        output_dir(out_path, field="--out")
+    result = load_result(run, model=model, weights=weights)
+    config = export_settings(result.recipe.export, formats, opset)
+    return result, out_path, export_model(result, out_path, **config.model_dump())
