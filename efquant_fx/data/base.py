@@ -167,3 +167,25 @@ class FaceDataset(Dataset):
             f"{MAX_SUBSTITUTES + 1} images in a row are unreadable near index {index}; check the data",
             source=self.report.source,
         )
+
+
+class InMemoryFaceDataset(FaceDataset):
+    """Images made, not read (random, synthetic): held in ``images`` ``[N,3,112,112]``, one label each."""
+
+    def __init__(self, images: torch.Tensor, report: DataReport, *, seed: int = 0):
+        n = int(images.shape[0])
+        super().__init__(list(range(n)), list(range(n)), report, seed=seed)
+        self.images = images
+
+    def read_bytes(self, key: Hashable) -> bytes:  # pragma: no cover - held in memory
+        raise NotImplementedError(f"{self.report.kind} images are held in memory, not read")
+
+    def keep(self, positions: Sequence[int]) -> None:
+        positions = list(positions)
+        self.images = self.images[positions]
+        super().keep(positions)
+        self.keys = list(range(len(positions)))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], self.labels[index]
+

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from efquant_fx.data.base import FaceDataset, sample_seed
+from efquant_fx.data.base import FaceDataset, InMemoryFaceDataset, sample_seed
 from efquant_fx.data.report import DataReport
 from efquant_fx.datakinds import BuildContext, register_dataset_kind
 
@@ -38,28 +38,16 @@ class RandomFaceDataset(FaceDataset):
         return torch.rand(3, 112, 112, generator=g) * 2 - 1, self.labels[index]
 
 
-class RandomImages(FaceDataset):
-    """Calibration noise: ``n`` images drawn in one go from ``seed``, held in ``images``; one label each."""
+class RandomImages(InMemoryFaceDataset):
+    """Calibration noise: ``n`` images drawn in one go from ``seed``; one label each."""
 
     def __init__(self, n: int, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 3, 112, 112, generator=g) * 2 - 1
+        images = torch.rand(n, 3, 112, 112, generator=g) * 2 - 1
         report = DataReport(source=f"random(n={n}, seed={seed})", kind="random", listed=n, selected=n, loaded=n,
                             identities=n)
         report.notes.append(NOTE)
-        super().__init__(list(range(n)), list(range(n)), report, seed=seed)
-
-    def read_bytes(self, key: Any) -> bytes:  # pragma: no cover - held in memory
-        raise NotImplementedError("random images are held in memory")
-
-    def keep(self, positions: Any) -> None:
-        positions = list(positions)
-        self.images = self.images[positions]
-        super().keep(positions)
-        self.keys = list(range(len(positions)))
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.images[index], self.labels[index]
+        super().__init__(images, report, seed=seed)
 
 
 @register_dataset_kind("random", keys=("n",), generated=True)

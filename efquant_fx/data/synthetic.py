@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from efquant_fx.data.base import FaceDataset, sample_seed
+from efquant_fx.data.base import InMemoryFaceDataset, sample_seed
 from efquant_fx.data.report import DataReport
 from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
@@ -329,25 +329,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class SyntheticDataset(FaceDataset):
+class SyntheticDataset(InMemoryFaceDataset):
     """In-memory images, one label per image (no identities); seeded random flips when training."""
 
     def __init__(self, images: Tensor, *, train: bool = True, seed: int = 0, source: str = "synthetic"):
         n = int(images.shape[0])
         report = DataReport(source=source, kind="synthetic", listed=n, selected=n, loaded=n, identities=n)
         report.notes.append("synthetic images have no identities (one label per image): EKD uses negative pairs only")
-        super().__init__(list(range(n)), list(range(n)), report, seed=seed)
-        self.images = images
+        super().__init__(images, report, seed=seed)
         self.flip = train
-
-    def read_bytes(self, key: Any) -> bytes:  # pragma: no cover - the images are in memory
-        raise NotImplementedError("synthetic images are held in memory")
-
-    def keep(self, positions: Any) -> None:
-        positions = list(positions)
-        self.images = self.images[positions]
-        super().keep(positions)
-        self.keys = list(range(len(positions)))
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         x = self.images[index]
