@@ -304,21 +304,22 @@ def test_a_full_disk_while_saving_a_result_or_recipe_is_one_clear_error(tmp_path
 
 
 def test_out_of_memory_while_calibrating_suggests_a_smaller_batch(monkeypatch):
-    from efquant_fx import api, compress
+    from efquant_fx import compress
+    from efquant_fx.graph import passes
     from tests.finetune.tiny import TinyFaceNet
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
                                      "of 79.11 GiB of which 1.06 GiB is free.")
 
-    monkeypatch.setattr(api.calib, "calibrate", oom)
+    monkeypatch.setattr(passes.calib, "calibrate", oom)
     with pytest.raises(EfquantError) as err:
         compress(TinyFaceNet(), BASE)
     assert str(err.value) == ("calibration.batch_size: out of memory on cpu during calibration with calibration "
                               "batches of 8 images (CUDA out of memory. Tried to allocate 2.00 GiB); use a smaller "
                               "batch: lower calibration.batch_size")
     monkeypatch.undo()
-    monkeypatch.setattr(api.ptq, "gptq", oom)
+    monkeypatch.setattr(passes.ptq, "gptq", oom)
     with pytest.raises(EfquantError, match=r"during GPTQ with calibration batches of 8 images .*lower "
                                            r"calibration.batch_size \(GPTQ holds one Hessian per layer: add large "
                                            r"layers to ptq.gptq_exclude\)$"):

@@ -1,7 +1,7 @@
 """Fine-tune stage: distil the float teacher into the compressed student on a few thousand faces.
 
 :func:`finetune` is the loop (checkpoints, exact resume, DDP under torchrun, NaN guard, signals);
-``python -m efquant_fx.finetune.ddp`` launches it under ``torchrun``. Losses live in
+``python -m efquant_fx.ddp`` launches it under ``torchrun``. Losses live in
 :mod:`efquant_fx.finetune.losses`.
 """
 

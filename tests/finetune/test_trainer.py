@@ -371,7 +371,7 @@ def test_lr_schedules():
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     recipe = {**BASE, "seed": 0, "finetune": ft(steps=3, calibrate_steps=1)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "efquant_fx.finetune.ddp", json.dumps(recipe), "--model", "tests.finetune.tiny:tiny",
+           "-m", "efquant_fx.ddp", json.dumps(recipe), "--model", "tests.finetune.tiny:tiny",
            "--out", str(tmp_path / "run"), "--save-final", str(tmp_path / "final-{rank}.pt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

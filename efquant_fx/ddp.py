@@ -1,6 +1,6 @@
 """``torchrun`` entry: compress + fine-tune with DistributedDataParallel, one process per device.
 
-    torchrun --standalone --nproc_per_node=4 -m efquant_fx.finetune.ddp recipe.yaml --out runs/r50 [--resume]
+    torchrun --standalone --nproc_per_node=4 -m efquant_fx.ddp recipe.yaml --out runs/r50 [--resume]
 
 Each rank runs the same (seeded, deterministic) PTQ, then :func:`efquant_fx.finetune.finetune` sees the
 process group and trains with DDP: gloo on CPU, nccl on GPU (one GPU per rank, ``LOCAL_RANK``). Only
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from efquant_fx.api import compress
 from efquant_fx.errors import EfquantError
+from efquant_fx.files import atomic_torch_save
 
 
 def _recipe(text: str) -> Any:
@@ -47,7 +49,7 @@ def _model(spec: str | None) -> Any:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m efquant_fx.finetune.ddp", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m efquant_fx.ddp", description=__doc__.splitlines()[0])
     ap.add_argument("recipe", help="recipe YAML file or inline JSON mapping")
     ap.add_argument("--model", help="registry name, model file or module:factory (default: recipe model.name)")
     ap.add_argument("--out", type=Path, help="run directory (checkpoints, model.pt, compression.json)")
@@ -70,13 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        from efquant_fx.api import compress
-
         result = compress(_model(args.model), _recipe(args.recipe), overrides=args.set,
                           finetune_dir=args.out, resume=args.resume)
         if args.save_final:
-            from efquant_fx.result import atomic_torch_save
-
             atomic_torch_save(result.model.state_dict(), args.save_final.replace("{rank}", str(rank)))
         if rank == 0 and args.out is not None:
             result.save(args.out)
