@@ -21,9 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:  # only for annotations: this module imports nothing heavy
     from torch import nn
 
-    from efquant_fx.data.base import FaceDataset
-    from efquant_fx.data.transforms import FaceTransform
-
 __all__ = [
     "DATASET_KINDS",
     "BuildContext",
@@ -49,7 +46,7 @@ class BuildContext:
     ``prefix``: the recipe field of the spec, for error messages (``finetune.data``).
     """
 
-    transform: FaceTransform
+    transform: Any  # efquant_fx.data.transforms.FaceTransform (this floor cannot name the data stage)
     seed: int
     train: bool = True
     run_seed: int = 0
@@ -61,7 +58,7 @@ class BuildContext:
     prefix: str = "data"
 
 
-DatasetFactory = Callable[[dict[str, Any], BuildContext], "FaceDataset"]
+DatasetFactory = Callable[[dict[str, Any], BuildContext], Any]  # returns an efquant_fx.data.base.FaceDataset
 
 
 @dataclass(frozen=True)
