@@ -138,6 +138,12 @@ class PTQConfig(_Strict):
 
     cross_layer_equalization: int = Field(default=0, ge=0, description="EqualizeGraph iterations (0 = off)")
     act_equalization: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant alpha")
+    prelu_equalization: float | None = Field(
+        default=None, gt=0, le=1,
+        description="per-channel range equalization across PReLU (conv -> PReLU -> conv chains), strength "
+                    "alpha for depthwise consumers (alpha/2 for dense ones): every channel uses the whole "
+                    "activation grid; the float model is unchanged",
+    )
     bias_correction: bool = False
     gptq: bool = False
     gptq_act_order: bool = True

@@ -109,6 +109,24 @@ class CrossLayerEqualization(GraphPass):
 
 
 @dataclass(repr=False)
+class PReLUEqualization(GraphPass):
+    """Channel ranges equalized across PReLU (:mod:`efquant_fx.graph.equalize`); weights carry it."""
+
+    alpha: float
+    name: ClassVar[str] = "prelu_equalization"
+    label: ClassVar[str] = "the graph rewrite (pruning, equalization)"
+    needs_data: ClassVar[bool] = True
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        from efquant_fx.graph.equalize import equalize_prelu_ranges
+
+        chains = equalize_prelu_ranges(gm, ctx.batches or [], ctx.device, self.alpha)
+        ctx.notes.append(f"PReLU equalization: {len(chains)} conv -> PReLU -> conv chain(s) rescaled "
+                         f"({sum(c.depthwise for c in chains)} into depthwise convs)")
+        return gm
+
+
+@dataclass(repr=False)
 class ActivationEqualization(GraphPass):
     """SmoothQuant-style; it only rescales weights, which a reloaded state dict carries."""
 
@@ -197,6 +215,8 @@ def build_passes(recipe: Recipe) -> list[GraphPass]:
         passes.append(FoldBatchNorm())
     if recipe.ptq.cross_layer_equalization:
         passes.append(CrossLayerEqualization(recipe.ptq.cross_layer_equalization))
+    if recipe.ptq.prelu_equalization:
+        passes.append(PReLUEqualization(recipe.ptq.prelu_equalization))
     if recipe.ptq.act_equalization:
         passes.append(ActivationEqualization(recipe.ptq.act_equalization))
     passes.append(InsertQuantizers(q))
