@@ -132,7 +132,8 @@ def compress(
     result = CompressionResult(
         model=gm, teacher=teacher, recipe=recipe, layers=layers, summary=summarize(layers),
         size_bytes_before=float_size_bytes(teacher), size_bytes_after=compressed_size_bytes(gm),
-        calibration=ctx.calibration, fidelity=fidelity, timings=ctx.timings, notes=ctx.notes,
+        calibration=ctx.calibration, reconstruction=ctx.reconstruction, fidelity=fidelity, timings=ctx.timings,
+        notes=ctx.notes,
     )
     if recipe.finetune is not None:
         _finetune(result, held_out, finetune_dir, resume)

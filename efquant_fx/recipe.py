@@ -133,8 +133,18 @@ class CalibrationConfig(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
 
 
+class RoundingSpec(_Strict):
+    """Learned weight rounding (AdaRound), layer by layer, on the calibration images."""
+
+    iters: int = Field(default=200, ge=1, description="optimisation steps per layer")
+    batch_size: int = Field(default=32, ge=1, description="images per step (drawn from the calibration images)")
+    lr: float = Field(default=1e-2, gt=0)
+    reg_weight: float = Field(default=0.01, ge=0, description="weight of the rounding regulariser")
+    learn_act_scale: bool = Field(default=True, description="also learn the step of each layer's input point")
+
+
 class PTQConfig(_Strict):
-    """Post-training improvements that Brevitas already implements, as switches."""
+    """Post-training improvements, as switches (Brevitas's where it has them)."""
 
     cross_layer_equalization: int = Field(default=0, ge=0, description="EqualizeGraph iterations (0 = off)")
     act_equalization: float | None = Field(default=None, gt=0, le=1, description="SmoothQuant alpha")
@@ -144,6 +154,9 @@ class PTQConfig(_Strict):
                     "alpha for depthwise consumers (alpha/2 for dense ones): every channel uses the whole "
                     "activation grid; the float model is unchanged",
     )
+    learned_rounding: RoundingSpec | None = Field(
+        default=None, description="AdaRound-style learned rounding of every quantized layer's weights against "
+                                  "the float model's layer outputs (the 4-bit lever); null = round to nearest")
     bias_correction: bool = False
     gptq: bool = False
     gptq_act_order: bool = True

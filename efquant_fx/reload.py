@@ -122,7 +122,8 @@ def load_result(
     result.summary = summarize(result.layers)
     result.size_bytes_after = compressed_size_bytes(gm)
     for key, attr in (("fidelity", "fidelity"), ("ptq_fidelity", "ptq_fidelity"), ("history", "history"),
-                      ("timings_s", "timings"), ("calibration", "calibration"), ("notes", "notes")):
+                      ("timings_s", "timings"), ("calibration", "calibration"), ("reconstruction", "reconstruction"),
+                      ("notes", "notes")):
         if report.get(key):
             setattr(result, attr, report[key])
     saved_hash = report.get("recipe_hash")

@@ -26,6 +26,7 @@ class CompressionResult:
     size_bytes_before: int = 0
     size_bytes_after: int = 0
     calibration: list[dict[str, Any]] = field(default_factory=list)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # learned rounding, per layer
     fidelity: dict[str, float] = field(default_factory=dict)
     ptq_fidelity: dict[str, float] = field(default_factory=dict)  # before fine-tuning, when there was one
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -50,6 +51,7 @@ class CompressionResult:
             "notes": self.notes,
             "layers": self.layers,
             "calibration": self.calibration,
+            "reconstruction": self.reconstruction,
             "history": self.history,
         }
 

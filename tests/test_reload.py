@@ -57,7 +57,8 @@ def test_reload_by_model_name_gives_the_same_model_and_teacher(mbf_run):
     {"prune": {"kind": "channels", "sparsity": 0.5}},
     {"prune": {"kind": "unstructured", "sparsity": 0.5}, "quant": {"batchnorm": "keep"}},
     {"prune": {"kind": "unstructured", "sparsity": 0.5}, "quant": {"enabled": False}},
-], ids=["cle-acteq-biascorr", "mse-asym-w4", "channels", "unstructured", "prune-only"])
+    {"quant": {"weight_bits": 4}, "ptq": {"prelu_equalization": 1.0, "learned_rounding": {"iters": 5}}},
+], ids=["cle-acteq-biascorr", "mse-asym-w4", "channels", "unstructured", "prune-only", "preluEq-rounding-w4"])
 def test_reload_replays_every_structural_step(tmp_path, sections):
     """Biases created by bias correction, lazy MSE scales, pruned widths and masks all reload strictly."""
     result = compress(tiny(), tiny_recipe(**sections), calibration_data=CAL)

@@ -12,7 +12,7 @@ came from.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ import torch.fx as fx
 from efquant_fx.graph import calibrate as calib
 from efquant_fx.graph import ptq
 from efquant_fx.graph.quantize import quantize_graph
-from efquant_fx.recipe import QuantConfig, Recipe
+from efquant_fx.recipe import QuantConfig, Recipe, RoundingSpec
 
 
 @dataclass
@@ -36,6 +36,8 @@ class PassContext:
     calibration: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per-layer rows of learned rounding
+    progress: Callable[[str], None] | None = None  # one line per step of long passes
     stage: str = ""  # the pass running now, for error messages (out of memory)
 
     @property
@@ -190,6 +192,29 @@ class GPTQ(GraphPass):
         return gm
 
 
+@dataclass(repr=False)
+class LearnedRounding(GraphPass):
+    """AdaRound-style rounding learned layer by layer (:mod:`efquant_fx.graph.reconstruct`)."""
+
+    spec: RoundingSpec
+    name: ClassVar[str] = "learned_rounding"
+    label: ClassVar[str] = "learned rounding"
+    needs_data: ClassVar[bool] = True
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        from efquant_fx.graph.reconstruct import RoundingConfig, reconstruct_rounding
+
+        cfg = RoundingConfig(**self.spec.model_dump())
+        rows = reconstruct_rounding(gm, ctx.batches or [], ctx.device, cfg, progress=ctx.progress)
+        done = [r for r in rows if "skipped" not in r]
+        skipped = [r["layer"] for r in rows if "skipped" in r]
+        ctx.notes.append(f"learned rounding: {len(done)} layer(s), {self.spec.iters} steps each on "
+                         f"{sum(b.shape[0] for b in ctx.batches or [])} images"
+                         + (f"; round-to-nearest kept for {', '.join(skipped[:5])}" if skipped else ""))
+        ctx.reconstruction = rows
+        return gm
+
+
 class BiasCorrection(GraphPass):
     name: ClassVar[str] = "bias_correction"
     label: ClassVar[str] = "bias correction"
@@ -225,6 +250,8 @@ def build_passes(recipe: Recipe) -> list[GraphPass]:
     passes.append(Calibrate())
     if recipe.ptq.gptq:
         passes.append(GPTQ(tuple(recipe.ptq.gptq_exclude), recipe.ptq.gptq_act_order))
+    if recipe.ptq.learned_rounding is not None:
+        passes.append(LearnedRounding(recipe.ptq.learned_rounding))
     if recipe.ptq.bias_correction:
         passes.append(BiasCorrection())
     return passes
