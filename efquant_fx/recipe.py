@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from efquant_fx.errors import EfquantError, RecipeError
 from efquant_fx.files import atomic_write_bytes
@@ -86,22 +86,41 @@ class ModelSpec(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
-class LayerRule(_Strict):
-    """Per-layer override; the first rule whose ``match`` regex finds the module name wins."""
+Role = Literal["stem", "embedding", "depthwise", "pointwise"]
 
-    match: str
+
+class LayerRule(_Strict):
+    """Per-layer override; the first rule that selects a layer wins. A rule selects by ``match`` (a regex
+    searched in the module name) or by ``role`` (``stem``: the first conv/linear; ``embedding``: the last;
+    ``depthwise``: convs with one group per channel; ``pointwise``: dense 1x1 convs), so one recipe
+    transfers between backbones whose module names differ. A rule that selects no layer is an error."""
+
+    match: str | None = None
+    role: Role | None = None
     weight_bits: Bits | None = Field(default=None, ge=2, le=8)
     act_bits: Bits | None = Field(default=None, ge=2, le=8)
     skip: bool = Field(default=False, description="leave this layer in float")
 
     @field_validator("match")
     @classmethod
-    def _regex(cls, v: str) -> str:
+    def _regex(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             re.compile(v)
         except re.error as exc:
             raise ValueError(f"not a valid regular expression ({exc})") from None
         return v
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> LayerRule:
+        if (self.match is None) == (self.role is None):
+            raise ValueError("give exactly one of match (a regex) or role (stem, embedding, depthwise, pointwise)")
+        return self
+
+    @property
+    def selector(self) -> str:
+        return f"role {self.role}" if self.role else f"'{self.match}'"
 
 
 class QuantConfig(_Strict):

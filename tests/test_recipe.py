@@ -189,3 +189,14 @@ def test_an_empty_key_is_named(tmp_path):
         f"{path}: quant.'': unknown field (an empty key; see the recipe reference)",
         f"{path}: quant.' bits': unknown field (check the spelling; see the recipe reference)",
     ])
+
+
+def test_a_layer_rule_needs_exactly_one_selector():
+    from efquant_fx.errors import RecipeError
+    from efquant_fx.recipe import load_recipe
+
+    for rule in ({"weight_bits": 8}, {"match": "x", "role": "stem", "weight_bits": 8}):
+        with pytest.raises(RecipeError, match="exactly one of match"):
+            load_recipe({"quant": {"layers": [rule]}})
+    with pytest.raises(RecipeError, match=r"quant.layers.0.role"):
+        load_recipe({"quant": {"layers": [{"role": "stemm"}]}})

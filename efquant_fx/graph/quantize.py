@@ -20,10 +20,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from efquant_fx.errors import CoverageError
+from efquant_fx.errors import CoverageError, EfquantError
 from efquant_fx.graph.modules import ActQuant, QuantPReLU
 from efquant_fx.graph.quantizers import quant_layer_from
-from efquant_fx.recipe import QuantConfig
+from efquant_fx.recipe import LayerRule, QuantConfig
 
 _COMPUTE_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 _ADD_TARGETS = (operator.add, operator.iadd, torch.add)
@@ -51,31 +51,57 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def layer_roles(gm: fx.GraphModule) -> dict[str, set[str]]:
+    """The roles recipe rules select by, for every Conv2d/Linear the graph calls (execution order)."""
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(get_module(gm, n.target), nn.Conv2d | nn.Linear)]
+    names = list(dict.fromkeys(names))
+    roles: dict[str, set[str]] = {name: set() for name in names}
+    for name in names:
+        m = get_module(gm, name)
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels:
+            roles[name].add("depthwise")
+        elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size == (1, 1):
+            roles[name].add("pointwise")
+    if names:
+        roles[names[0]].add("stem")
+        roles[names[-1]].add("embedding")
+    return roles
+
+
+def _selects(rule: LayerRule, name: str, roles: set[str]) -> bool:
+    return rule.role in roles if rule.role else bool(re.search(str(rule.match), name))
+
+
 def plan_layers(gm: fx.GraphModule, cfg: QuantConfig) -> dict[str, LayerPlan]:
-    """Resolve include/exclude and per-layer rules for every Conv2d/Linear the graph calls."""
+    """Resolve include/exclude and per-layer rules for every Conv2d/Linear the graph calls; a rule
+    that selects no layer is an error (a keep-list written for another backbone must not pass silently)."""
     wanted = tuple(_COMPUTE_TYPES[t] for t in cfg.layer_types)
     plans: dict[str, LayerPlan] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = get_module(gm, node.target)
-        if not isinstance(module, nn.Conv2d | nn.Linear) or node.target in plans:
-            continue
-        name, kind = node.target, type(module).__name__
+    all_roles = layer_roles(gm)
+    for name, roles in all_roles.items():
+        module = get_module(gm, name)
+        kind = type(module).__name__
         if not isinstance(module, wanted):
             plans[name] = LayerPlan(name, kind, False, None, None, f"{kind} not in quant.layer_types")
             continue
-        rule = next((r for r in cfg.layers if re.search(r.match, name)), None)
+        rule = next((r for r in cfg.layers if _selects(r, name, roles)), None)
         excluded = next((p for p in cfg.exclude if re.search(p, name)), None)
         if excluded is not None:
             plans[name] = LayerPlan(name, kind, False, None, None, f"quant.exclude '{excluded}'")
         elif rule is not None and rule.skip:
-            plans[name] = LayerPlan(name, kind, False, None, None, f"quant.layers '{rule.match}' skip")
+            plans[name] = LayerPlan(name, kind, False, None, None, f"quant.layers {rule.selector} skip")
         else:
             wb = rule.weight_bits if rule and rule.weight_bits else cfg.weight_bits
             ab = rule.act_bits if rule and rule.act_bits else cfg.act_bits
-            reason = f"quant.layers '{rule.match}'" if rule else "default"
+            reason = f"quant.layers {rule.selector}" if rule else "default"
             plans[name] = LayerPlan(name, kind, True, wb, ab, reason)
+    unused = [i for i, r in enumerate(cfg.layers) if not any(_selects(r, n, ro) for n, ro in all_roles.items())]
+    if unused and cfg.enabled:
+        i = unused[0]
+        raise EfquantError(f"{cfg.layers[i].selector} selects none of the model's {len(plans)} conv/linear layers "
+                           f"(first: {', '.join(list(plans)[:3])}); fix the rule or use a role selector",
+                           field=f"quant.layers[{i}]")
     return plans
 
 

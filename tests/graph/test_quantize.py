@@ -230,3 +230,27 @@ def test_compute_output_quantizes_what_an_int8_conv_writes(batchnorm):
     n_with = sum(isinstance(m, ActQuant) for m in gm.modules())
     n_without = sum(isinstance(m, ActQuant) for m in without.modules())
     assert n_with == n_without + 2
+
+
+def test_role_selectors_transfer_between_backbones():
+    """One rule list keeps the stem, the depthwise convs and the embedding at 8 bit on two mobilefacenet
+    layouts whose module names share nothing."""
+    from efquant_fx.graph.quantize import layer_roles
+
+    rules = [{"role": "stem", "weight_bits": 8}, {"role": "depthwise", "weight_bits": 8},
+             {"role": "embedding", "weight_bits": 8}]
+    cfg = QuantConfig(weight_bits=4, layers=rules)
+    gm = trace(create_model("mobilefacenet"))
+    plans = plan_layers(gm, cfg)
+    roles = layer_roles(gm)
+    eight = {n for n, p in plans.items() if p.weight_bits == 8}
+    assert eight == {n for n, r in roles.items() if r & {"stem", "depthwise", "embedding"}}
+    assert len([n for n, r in roles.items() if "depthwise" in r]) == 16  # 15 block convs and the 7x7 GDC head
+    assert "depthwise" in roles["features.layers.0.layers.0"]
+    assert plans[next(iter(plans))].reason == "quant.layers role stem"
+
+
+def test_a_rule_that_selects_nothing_is_an_error():
+    cfg = QuantConfig(weight_bits=4, layers=[{"match": r"^conv_1_conv2d$", "weight_bits": 8}])
+    with pytest.raises(EfquantError, match=r"quant.layers\[0\]: '\^conv_1_conv2d\$' selects none of the model's 50"):
+        plan_layers(trace(create_model("mobilefacenet")), cfg)
