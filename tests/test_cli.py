@@ -176,7 +176,7 @@ def test_eval_export_bad_arguments_exit_2_one_line(broken_run, faces, tmp_path, 
 
 
 @pytest.mark.parametrize(("fname", "content", "expected"), [
-    ("model.pt", None, "model.pt: compressed state dict not found"),
+    ("model.pt", None, "run: this run did not finish: no model.pt; rerun efquant-fx apply"),
     ("model.pt", b"not a checkpoint", "model.pt: not a torch.save() state dict"),
     ("recipe.yaml", b"quant: {weight_bits: [\n", "recipe.yaml: line 2, column 1: malformed YAML"),
     ("recipe.yaml", b"quant: {weight_bits: eight}\n", "recipe.yaml: quant.weight_bits: Input should be a valid"),
@@ -238,7 +238,7 @@ def test_export_config_matches_export_model():
 def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_path):
     from efquant_fx.recipe import load_recipe, with_image_source
 
-    spec = load_recipe(REPO / "recipes" / "mobilefacenet_w8a8.yaml")  # list-file data with max_images
+    spec = load_recipe(REPO / "recipes" / "mobilefacenet_w6a6.yaml")  # list-file data with max_images
     faces = tmp_path / "faces"
     faces.mkdir()
     out = with_image_source(spec, faces)
@@ -248,3 +248,31 @@ def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_
     listfile = tmp_path / "train.txt"
     listfile.write_text("a.jpg\t0\n")
     assert with_image_source(spec, listfile).finetune.data.list == str(listfile)
+
+
+# --- first contact (issue 16) -------------------------------------------------------------------------
+
+
+def test_export_of_a_run_calibrated_on_synthetic_images(tmp_path):
+    """The quickstart's runs calibrate on images synthesized from the teacher: export rebuilds them
+    (from the cache) with the reloaded teacher, and says nothing false about its weights."""
+    recipe = {"name": "tiny_synth", "device": "cpu", "model": {"name": "mobilefacenet"},
+              "quant": {"weight_bits": 8, "act_bits": 8},
+              "calibration": {"images": 8, "batch_size": 4,
+                              "data": {"kind": "synthetic", "n": 8, "steps": 1, "cache": str(tmp_path / "synth")}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["apply", str(tmp_path / "r.yaml"), "--out", str(run)]).exit_code == 0
+    res = runner.invoke(app, ["export", str(run), "--format", "packed"])
+    assert res.exit_code == 0, res.output
+    assert (run / "export" / "model_packed.npz").is_file()
+
+
+def test_a_failed_export_or_eval_leaves_no_empty_folder(broken_run, faces):
+    (broken_run / "model.pt").unlink()
+    res = runner.invoke(app, ["export", str(broken_run), "--format", "packed"])
+    assert "did not finish" in one_error_line(res)
+    assert not (broken_run / "export").exists()
+    res = runner.invoke(app, ["eval", str(broken_run), "--eval", f"pairs:pairs={faces / 'pairs.txt'},root={faces}"])
+    assert "did not finish" in one_error_line(res)
+    assert not (broken_run / "eval").exists()

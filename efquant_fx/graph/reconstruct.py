@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantLinear
 from torch import nn
 
+from efquant_fx.graph.frozen import frozen_quantizers
 from efquant_fx.graph.modules import ActQuant
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ def reconstruct_rounding(gm: fx.GraphModule, batches: Sequence[torch.Tensor], de
         t0 = time.perf_counter()
         target = _capture(twin, twin.get_submodule(name), batches, device, "output")
         learn_point = point if cfg.learn_act_scale else None
-        x = _capture(gm, learn_point if learn_point is not None else layer, batches, device, "input")
+        with frozen_quantizers(gm):  # the quantized model's forward, minus Brevitas's per-call overheads
+            x = _capture(gm, learn_point if learn_point is not None else layer, batches, device, "input")
         before = _error(layer, learn_point, x, target)
         ints = _learn_rounding(layer, learn_point, x, target, grid, cfg)
         kept = _write_back(layer, ints)
