@@ -50,6 +50,11 @@ KEEP8 = {  # layers kept at 8 bit, by role (transfers between backbones)
     "w4a4": [{"role": "stem", "weight_bits": 8, "act_bits": 8}, {"role": "embedding", "weight_bits": 8, "act_bits": 8},
              {"role": "depthwise", "weight_bits": 8, "act_bits": 8}],
 }
+ACT_POINTS = {  # W4A4 has no int8 kernel to match, so no compute_output points
+    "w8a8": ["compute_input", "compute_output", "prelu", "residual_add"],
+    "w4a8": ["compute_input", "compute_output", "prelu", "residual_add"],
+    "w4a4": ["compute_input", "prelu", "residual_add"],
+}
 
 
 class DevEval:
@@ -142,7 +147,7 @@ def average_bits(model) -> dict[str, float]:
 def stage_recipes(bits: str, data: dict[str, Any], calib_images: int, rounding: dict[str, Any]) -> dict[str, dict]:
     wb, ab = BITS[bits]
     quant = {"weight_bits": wb, "act_bits": ab, "observer": "percentile", "batchnorm": "fold",
-             "act_points": ["compute_input", "compute_output", "prelu", "residual_add"], "layers": KEEP8[bits]}
+             "act_points": ACT_POINTS[bits], "layers": KEEP8[bits]}
     base = {"name": f"bench_{bits}", "device": "cpu", "seed": 0, "quant": quant,
             "calibration": {"images": calib_images, "batch_size": 32, "data": data}}
     return {"ptq": base,
