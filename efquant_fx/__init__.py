@@ -31,7 +31,19 @@ _LAZY = {
     "CompressionResult": "efquant_fx.result",
 }
 
-__all__ = ["EfquantError", "RecipeError", "__version__", *sorted(_LAZY)]
+__all__ = [
+    "CompressionResult",
+    "EfquantError",
+    "Recipe",
+    "RecipeError",
+    "__version__",
+    "compress",
+    "create_model",
+    "list_models",
+    "load_model",
+    "load_recipe",
+    "load_result",
+]
 
 
 def __getattr__(name: str) -> Any:
