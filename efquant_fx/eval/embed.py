@@ -13,6 +13,7 @@ from efquant_fx.errors import EfquantError
 from efquant_fx.eval.cache import FeatureCache, as_cache, cache_key
 from efquant_fx.eval.images import ImageSet
 from efquant_fx.eval.progress import progress_bar
+from efquant_fx.graph.frozen import frozen_quantizers
 
 _EMBED_VERSION = "efquant-embed-v1"
 
@@ -103,7 +104,8 @@ def extract_embeddings(
 
     Each distinct image (same bytes, same landmarks) is run once. Results are cached under
     (model hash, image-set fingerprint, flip) when ``cache`` is given; the model runs in ``eval()``
-    mode under ``no_grad`` on ``device`` (it is moved there) and its training flag is restored.
+    mode under ``no_grad`` on ``device`` (it is moved there) and its training flag is restored; a
+    fake-quant model runs with its quantizers frozen (:mod:`efquant_fx.graph.frozen`, same numbers).
     """
     if batch_size < 1:
         raise EfquantError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
@@ -124,7 +126,8 @@ def extract_embeddings(
     model.to(dev).eval()
     chunks: list[np.ndarray] = []
     try:
-        with torch.no_grad(), progress_bar(len(pixels), description, progress) as advance:
+        # fake-quant models run with their quantizers frozen: Brevitas's numbers without its per-call work
+        with torch.no_grad(), frozen_quantizers(model), progress_bar(len(pixels), description, progress) as advance:
             for start in range(0, len(pixels), batch_size):
                 x = preprocess(pixels[start : start + batch_size]).to(dev)
                 views = [_forward(model, x)]

@@ -99,7 +99,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, int]:
 @torch.no_grad()
 def embedding_cosine(reference: nn.Module, model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Cosine between the two models' embeddings of the same inputs (mean and worst)."""
+    from efquant_fx.graph.frozen import frozen_quantizers  # needs Brevitas, which this module otherwise does not
+
     a = torch.nn.functional.normalize(reference(x).float(), dim=1)
-    b = torch.nn.functional.normalize(model(x).float(), dim=1)
+    with frozen_quantizers(model):
+        b = torch.nn.functional.normalize(model(x).float(), dim=1)
     cos = (a * b).sum(1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "images": int(x.shape[0])}
