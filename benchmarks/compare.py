@@ -14,7 +14,7 @@ One teacher, one machine, one run, the same real data for every row:
   genuine and half impostor, no flip (CPU time). TAR@FAR=1e-3 is computed on the same pairs: with
   900 (full) or 45 (quick) impostor pairs it is the TAR above the highest impostor score.
 
-Rows (recipes for ours and the QuantFace-style rows under ``recipes/bench/``):
+Rows (recipes for ours and the QuantFace-style rows under ``efquant_fx/recipes/bench/``):
 
 ====================  =========================================================================
 teacher               float model
@@ -22,7 +22,7 @@ torchao_w8a8          torch.ao FX PTQ, ``get_default_qconfig_mapping("x86")`` as
 torchao_w8a8_fprelu   same, PReLU kept float (torch 2.13 ``quantized::prelu`` per-channel bug)
 brevitas_w8a8/_w4a4   ``brevitas.graph.quantize.quantize`` + ``calibration_mode``, Brevitas's
                       default quantizers (4-bit row: same quantizers, bit widths set to 4)
-ours_ptq_w8a8/_w4a4   efquant-fx PTQ (recipes/bench/ours_ptq_*.yaml)
+ours_ptq_w8a8/_w4a4   efquant-fx PTQ (efquant_fx/recipes/bench/ours_ptq_*.yaml)
 quantface_w8a8/_w4a4  QuantFace-style QAT: all layers at the bit width, min/max ranges, BN in train
                       mode, SGD-Nesterov at QuantFace's LR scaled to the batch, MSE embedding KD only
 ours_ft_w8a8_<pool>   KD + EKD fine-tune on pools of 1,400 / 3,000 / 6,181 images
@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also wh
 from _common import default_shared, load_teacher, machine, state_dict_bytes, write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BENCH = REPO / "recipes" / "bench"
+BENCH = REPO / "efquant_fx" / "recipes" / "bench"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "compare.json"
 
 # key -> (label, bits, family, recipe file or None, pool images or None)
@@ -316,7 +316,7 @@ def pruned_size(model) -> tuple[int, float]:
 
 
 def recipe_spec(key: str, args: argparse.Namespace, rules: list[str], model_name: str) -> dict[str, Any]:
-    """The row's recipe (``recipes/bench/``) with this run's data, device and (quick) schedule."""
+    """The row's recipe (``efquant_fx/recipes/bench/``) with this run's data, device and (quick) schedule."""
     from efquant_fx.recipe import load_recipe
 
     _, _, _, file, pool = ROWS[key]
@@ -373,7 +373,7 @@ def run_row(key: str, teacher, args, rules: list[str], model_name: str, calib_ba
         row["size_bytes"] = compressed_size_bytes(model)
     else:
         spec = recipe_spec(key, args, rules, model_name)
-        row["recipe"] = f"recipes/bench/{ROWS[key][3]}"
+        row["recipe"] = f"efquant_fx/recipes/bench/{ROWS[key][3]}"
         row["resolved_recipe"] = spec
         result = compress(teacher, spec)
         model = result.model

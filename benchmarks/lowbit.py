@@ -12,7 +12,7 @@ first 10 by file name). Rows per bit width (W8A8, W4A8, W4A4), each adding one s
 * ``ptq``: round-to-nearest, percentile activation observer, BatchNorm folded;
 * ``+prelu_eq``: per-channel range equalization across PReLU (``ptq.prelu_equalization``);
 * ``+rounding``: learned rounding, layer by layer (``ptq.learned_rounding``);
-* ``recipe``: the shipped ``recipes/mobilefacenet_wXaY.yaml`` itself, as ``efquant-fx apply`` runs it.
+* ``recipe``: the shipped ``efquant_fx/recipes/mobilefacenet_wXaY.yaml`` itself, as ``efquant-fx apply`` runs it.
 
 Every row reports its wall time (compression only), the images it used, and, for the students, the
 parameter-weighted weight bits and MAC-weighted activation bits. The ``headline`` holds the deltas
@@ -42,6 +42,7 @@ from efquant_fx.graph.frozen import frozen_quantizers as fast_fake_quant  # noqa
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lowbit.json"
+RECIPES = REPO / "efquant_fx" / "recipes"  # the shipped recipes
 FARS = (1e-3, 1e-4, 1e-5)
 BITS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 KEEP8 = {  # layers kept at 8 bit, by role (transfers between backbones)
@@ -226,8 +227,9 @@ def run_teacher(name: str, args: argparse.Namespace, dev: DevEval, report: dict[
         stages = stage_recipes(bits, data, args.calib_images, rounding)
         for stage in args.stages:
             if stage == "recipe":
-                path = REPO / "recipes" / f"{name}_{bits}.yaml"
+                path = RECIPES / f"{name}_{bits}.yaml"
                 if not path.is_file():
+                    print(f"{name} {bits}: no shipped recipe {path.name}; row skipped", flush=True)
                     continue
                 rows[f"{bits} recipe"] = run_row(teacher, path, dev, [])
                 rows[f"{bits} recipe"]["recipe"] = str(path.relative_to(REPO))
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounding-iters", type=int, default=None, help="learned-rounding steps per layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows already in --out (same mode) and replace only the rows measured now")
     args = ap.parse_args(argv)
     args.rounding_iters = args.rounding_iters or (50 if args.quick else 200)
     if not (args.shared / "data" / "lfw112" / "dev_pairs.txt").is_file():
@@ -262,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     dev = DevEval(args.shared / "data" / "lfw112", 6 if args.quick else 1, flip=not args.quick)
     report: dict[str, Any] = {"results": {}, "dev": dev.info, "mode": "quick" if args.quick else "full",
                               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.merge and args.out.is_file():
+        import json
+
+        old = json.loads(args.out.read_text())
+        if old.get("mode") == report["mode"] and old.get("dev") == dev.info:
+            report["results"] = old["results"]
+            report["earlier_commands"] = old.get("earlier_commands", []) + [old.get("command")]
 
     def write() -> None:  # after every row: a cut-short run keeps what it measured
         report["headline"] = headline(report)

@@ -8,6 +8,7 @@ only sequences them and collects what they report.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ from efquant_fx.recipe import Recipe, load_recipe
 from efquant_fx.result import CompressionResult
 
 __all__ = ["compress", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -66,7 +69,7 @@ def _calibration_images(recipe: Recipe, data: torch.Tensor | Iterable[Any] | Non
     if data is not None:
         batches = as_batches(data, cal.batch_size, cal.images)
     else:
-        batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher)
+        batches = calibration_batches(cal.data, cal.images, cal.batch_size, recipe.seed, teacher, notes)
         if cal.data.kind == "random":
             notes.append("calibrated on random inputs (calibration.data.kind=random): fine for a smoke test, "
                          "not for accuracy; use face images or kind: synthetic")
@@ -75,17 +78,46 @@ def _calibration_images(recipe: Recipe, data: torch.Tensor | Iterable[Any] | Non
     return [b.to(device) for b in batches]
 
 
-def _finetune(result: CompressionResult, held_out: torch.Tensor, finetune_dir: str | Path | None,
+MIN_HELD_OUT = 4  # images kept from a single calibration batch to score the result on
+
+
+def split_held_out(batches: list[torch.Tensor], notes: list[str]) -> tuple[list[torch.Tensor], torch.Tensor, bool]:
+    """``(calibration batches, held-out images, whether they are really held out)``.
+
+    The fidelity (and the fine-tune's choice of checkpoint) is measured on images calibration did
+    not see: the last batch when there are several; with a single batch, its last quarter (at least
+    ``MIN_HELD_OUT`` images). With fewer than ``2 * MIN_HELD_OUT`` images nothing can be spared: the
+    score is taken on the calibration images themselves, and a note says so.
+    """
+    if len(batches) > 1:
+        return batches[:-1], batches[-1], True
+    only = batches[0]
+    n = int(only.shape[0])
+    if n < 2 * MIN_HELD_OUT:
+        notes.append(f"no images were held out: calibration has only {n} image(s), so the teacher-student cosine is "
+                     f"measured on the calibration images themselves; use calibration.images >= {2 * MIN_HELD_OUT}")
+        return batches, only, False
+    k = max(MIN_HELD_OUT, n // 4)
+    notes.append(f"calibration has a single batch: {n - k} images calibrate, {k} are held out to score the result")
+    return [only[: n - k]], only[n - k:], True
+
+
+def _score(teacher: nn.Module, model: nn.Module, images: torch.Tensor, held_out: bool) -> dict[str, Any]:
+    """Teacher-student cosine, with ``held_out`` saying whether calibration saw these images."""
+    return {**embedding_cosine(teacher, model, images), "held_out": held_out}
+
+
+def _finetune(result: CompressionResult, held_out: torch.Tensor, separate: bool, finetune_dir: str | Path | None,
               resume: bool) -> None:
     from efquant_fx.finetune import fidelity_evaluator, finetune  # the fine-tune stage
 
     result.ptq_fidelity = dict(result.fidelity)
-    # checkpoints are chosen on the batch calibration left out: the same yardstick as result.fidelity
-    result.notes.append(f"fine-tune evaluation: teacher-student cosine on the held-out calibration batch "
-                        f"({held_out.shape[0]} images)")
+    # checkpoints are chosen on the images calibration left out: the same yardstick as result.fidelity
+    where = "the held-out calibration batch" if separate else "the calibration images (none held out)"
+    result.notes.append(f"fine-tune evaluation: teacher-student cosine on {where} ({held_out.shape[0]} images)")
     finetune(result, out_dir=Path(finetune_dir) if finetune_dir else None, resume=resume,
              evaluator=fidelity_evaluator(result.teacher, held_out))
-    result.fidelity = embedding_cosine(result.teacher, result.model, held_out)
+    result.fidelity = _score(result.teacher, result.model, held_out, separate)
 
 
 def compress(
@@ -111,6 +143,7 @@ def compress(
     device = resolve_device(recipe.device)
     ctx = PassContext(device=device)
     with _timed(ctx.timings, "load_and_trace"):
+        log.info("compress: loading and tracing %s", model if isinstance(model, str | Path) else type(model).__name__)
         teacher = _load_teacher(model, recipe, weights, device)
         gm = trace(copy.deepcopy(teacher), recipe.model.leaf_modules)
 
@@ -118,13 +151,15 @@ def compress(
     try:
         with _timed(ctx.timings, "calibration_data"):
             batches = _calibration_images(recipe, calibration_data, teacher, device, ctx.notes)
-        # the last batch is held out to score the result (and fine-tune checkpoints) when there are several
-        held_out = batches[-1]
-        ctx.batches = batches[:-1] if len(batches) > 1 else batches
+        # images held out to score the result (and fine-tune checkpoints)
+        ctx.batches, held_out, separate = split_held_out(batches, ctx.notes)
         ctx.example = held_out[:2]
+        log.info("compress: %d calibration images, %d %s", sum(b.shape[0] for b in ctx.batches), held_out.shape[0],
+                 "held out" if separate else "to score on (none held out)")
         gm = run_passes(gm, build_passes(recipe), ctx).eval()
         ctx.stage = "the fidelity check"
-        fidelity = embedding_cosine(teacher, gm, held_out)
+        fidelity = _score(teacher, gm, held_out, separate)
+        log.info("compress: teacher-student cosine %.4f (worst %.4f)", fidelity["cosine_mean"], fidelity["cosine_min"])
     except torch.OutOfMemoryError as exc:
         raise _out_of_memory(exc, ctx.stage, recipe.calibration.batch_size, device) from None
 
@@ -136,5 +171,5 @@ def compress(
         notes=ctx.notes,
     )
     if recipe.finetune is not None:
-        _finetune(result, held_out, finetune_dir, resume)
+        _finetune(result, held_out, separate, finetune_dir, resume)
     return result

@@ -20,14 +20,28 @@ from rich.table import Table
 
 from efquant_fx.errors import EfquantError
 
+# plain click help (rich_markup_mode=None): typer's rich help labels every flag "<bool>" and every
+# repeatable option "<list[str]>"; the metavars below name what each option takes instead
 app = typer.Typer(help="Compress face-recognition backbones to low bit widths with small data.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-recipes_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+recipes_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(recipes_app, name="recipes")
 
 console = Console(stderr=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
 err_console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
 _state = {"verbose": False}
+
+
+def print_table(table: Any) -> None:
+    """A table on stdout, whole: off a terminal (a pipe, a file) rich would cut it to 80 columns and
+    shorten layer names with an ellipsis, so it gets the width its content needs instead."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(width=max(width, 20), no_color=bool(os.environ.get("NO_COLOR")) or None).print(table)
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -57,8 +71,19 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks on failure")] = False):
+def main(ctx: typer.Context,
+         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show tracebacks on failure")] = False):
+    """Progress goes to stderr: bars on a terminal, and plain log lines (stage, step, rate, ETA)
+    when stderr is a pipe or a file, so a logged run is never silent; stdout keeps the results."""
+    import warnings
+
+    from efquant_fx.logs import log_to_stderr
+
+    # brevitas.graph warns on first import that an optional CUDA package for Hadamard rotations is
+    # missing; no recipe uses rotations, so it only alarmed users of apply and export
+    warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found", category=UserWarning)
     _state["verbose"] = verbose
+    ctx.call_on_close(log_to_stderr())
 
 
 @app.command("models")
@@ -74,15 +99,16 @@ def models_cmd() -> None:
     for name, desc in describe_models().items():
         params = sum(p.numel() for p in create_model(name).parameters()) / 1e6
         table.add_row(name, f"{params:.3f}", desc)
-    console.print(table)
+    print_table(table)
     console.print("Also accepted: an .onnx face model, an MXNet '-symbol.json', or any nn.Module from Python.")
 
 
 @recipes_app.command("validate")
 @guarded
 def recipes_validate(
-    files: Annotated[list[Path], typer.Argument(help="recipe YAML files")],
-    set_: Annotated[list[str], typer.Option("--set", help="override key.path=value")] = [],  # noqa: B006
+    files: Annotated[list[Path], typer.Argument(metavar="RECIPE", help="recipe YAML files or shipped recipe "
+                                                "names")],
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="override key.path=value")] = [],  # noqa: B006
 ) -> None:
     """Validate recipes; print each problem as 'file: field: expected ...'."""
     from efquant_fx.errors import RecipeError
@@ -92,20 +118,81 @@ def recipes_validate(
     for f in files:
         try:
             r = load_recipe(f, set_)
-            console.print(f"{f}: ok ({r.name}, hash {r.hash})", markup=False)
         except RecipeError as exc:
             problems += exc.problems
+            continue
+        unknown = _unknown_model(r.model.name, str(f), set_)
+        if unknown:
+            problems.append(unknown)
+        else:
+            console.print(f"{f}: ok ({r.name}, hash {r.hash})", markup=False)
     if problems:
         raise RecipeError(problems)
+
+
+def _unknown_model(name: str | None, source: str, overrides: list[str]) -> str | None:
+    """``model.name`` that is neither a zoo name nor a model file: the schema takes any text, so a
+    typo would only surface once a run starts loading the model."""
+    from efquant_fx.models import list_models
+
+    if name is None or name in list_models() or Path(name).suffix.lower() in (".onnx", ".json"):
+        return None
+    if any(o.partition("=")[0].strip() in ("model", "model.name") for o in overrides):
+        source = "--set"
+    return (f"{source}: model.name: unknown model {name!r}; known models: {', '.join(list_models())} "
+            "(or an .onnx / -symbol.json file)")
+
+
+@recipes_app.command("list")
+@guarded
+def recipes_list() -> None:
+    """List the recipes that ship with efquant-fx (apply, inspect --recipe and eval --recipe take their names)."""
+    from efquant_fx.recipe import load_recipe, shipped_recipes
+
+    table = Table(title="shipped recipes (efquant-fx recipes show NAME)")
+    for col in ("name", "model", "W/A bits", "fine-tune", "description"):
+        table.add_column(col)
+    for name, path in shipped_recipes().items():
+        r = load_recipe(path)
+        q = r.quant
+        bits = f"W{q.weight_bits}A{q.act_bits}" if q is not None and q.enabled else "float"
+        table.add_row(name, r.model.name or "-", bits, f"{r.finetune.steps} steps" if r.finetune else "-",
+                      r.description or _first_comment(path))
+    print_table(table)
+
+
+def _first_comment(path: Path) -> str:
+    """The recipe file's opening comment line: what most shipped recipes say about themselves."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+@recipes_app.command("show")
+@guarded
+def recipes_show(name: Annotated[str, typer.Argument(metavar="NAME", help="a name from efquant-fx recipes list")]):
+    """Print a shipped recipe, comments included: a start for your own (efquant-fx recipes show NAME > my.yaml)."""
+    from efquant_fx.recipe import shipped_recipes
+
+    shipped = shipped_recipes()
+    path = shipped.get(name.removesuffix(".yaml"))
+    if path is None:
+        raise EfquantError(f"unknown recipe {name!r}; shipped: {', '.join(shipped)}")
+    sys.stdout.write(path.read_text(encoding="utf-8"))
 
 
 @app.command("inspect")
 @guarded
 def inspect_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name or .onnx / -symbol.json file")],
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="show what this recipe would do")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="insightface backbone.pth")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="override key.path=value")] = [],  # noqa: B006
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="zoo name or .onnx / -symbol.json file")],
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", metavar="RECIPE",
+                                                help="show what this recipe (a file or a shipped "
+                                                "recipe's name) would do")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", metavar="FILE", help="insightface backbone.pth")] = None,
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="override key.path=value")] = [],  # noqa: B006
     graph: Annotated[bool, typer.Option("--graph", help="print the traced FX graph")] = False,
 ) -> None:
     """Trace a model and show, per layer, what the recipe would quantize and at which width,
@@ -130,7 +217,7 @@ def inspect_cmd(
         params = gm.get_submodule(name).weight.numel()
         table.add_row(name, p.type, f"{params:,}", str(p.weight_bits or "-"), str(p.act_bits or "-"),
                       ("quantize: " if p.quantize else "float: ") + p.reason)
-    console.print(table)
+    print_table(table)
     n_q = sum(p.quantize for p in plans.values())
     console.print(f"{n_q}/{len(plans)} layers would be quantized", markup=False)
 
@@ -138,16 +225,21 @@ def inspect_cmd(
 @app.command("apply")
 @guarded
 def apply_cmd(
-    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="zoo name or model file")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="insightface backbone.pth")] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="aligned faces: a folder or a list file",
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="recipe YAML file, or the name of a shipped "
+                                           "recipe (efquant-fx recipes list)")],
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="MODEL", help="zoo name or model file")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", metavar="FILE", help="insightface backbone.pth")] = None,
+    data: Annotated[Path | None, typer.Option("--data", metavar="PATH", help="aligned faces: a folder or a list file",
                                               envvar="EFQUANT_DATA")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/latest"),
-    set_: Annotated[list[str], typer.Option("--set", help="override key.path=value")] = [],  # noqa: B006
-    resume: Annotated[bool, typer.Option("--resume", help="continue a fine-tune from its last checkpoint")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="run directory")] = Path("runs/latest"),
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE", help="override key.path=value")] = [],  # noqa: B006
+    resume: Annotated[bool, typer.Option("--resume", help="continue the fine-tune of the run in --out (same "
+                                         "recipe) from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out (its files "
+                                            "are deleted first)")] = False,
 ) -> None:
-    """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory."""
+    """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory
+    (--out must be empty, unless --resume or --overwrite)."""
     from efquant_fx.files import check_writable
     from efquant_fx.pipeline import run_recipe
     from efquant_fx.recipe import load_recipe, with_image_source
@@ -161,11 +253,12 @@ def apply_cmd(
     if data is not None:
         spec = with_image_source(spec, data)
     check_writable(out)
-    report = run_recipe(spec, out_dir=out, resume=resume, progress=console.is_terminal)
+    report = run_recipe(spec, out_dir=out, resume=resume, overwrite=overwrite, progress=console.is_terminal)
     result = report.result
-    console.print(result.table(max_rows=30))
+    print_table(result.table(max_rows=30))
     f = result.fidelity
-    console.print(f"teacher-student embedding cosine on held-out images: mean {f['cosine_mean']:.4f}, "
+    where = "held-out images" if f.get("held_out", True) else "the calibration images (none held out)"
+    console.print(f"teacher-student embedding cosine on {where}: mean {f['cosine_mean']:.4f}, "
                   f"worst {f['cosine_min']:.4f} ({f['images']} images)", markup=False)
     console.print(f"size: {result.size_bytes_before / 2**20:.2f} MiB -> {result.size_bytes_after / 2**20:.2f} MiB "
                   f"({result.size_ratio:.3f}x)", markup=False)
@@ -173,9 +266,9 @@ def apply_cmd(
         from efquant_fx.eval import compare_table
 
         metrics = report.metrics
-        console.print(compare_table(metrics["teacher"], metrics["student"], names=["teacher", "compressed"]))
+        print_table(compare_table(metrics["teacher"], metrics["student"], names=["teacher", "compressed"]))
     if report.exports:
-        console.print(_export_table(report.exports, title=f"exported to {out / 'export'}"))
+        print_table(_export_table(report.exports, title=f"exported to {out / 'export'}"))
         _print_export_notes(report.exports)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
@@ -224,16 +317,17 @@ def parse_eval_spec(text: str) -> dict[str, Any]:
 @app.command("eval")
 @guarded
 def eval_cmd(
-    target: Annotated[str, typer.Argument(help="run directory (from apply), or a zoo name / .onnx / "
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="run directory (from apply), or a zoo name / .onnx / "
                                                "-symbol.json model to evaluate alone")],
-    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", help="take the eval: section (and, for a "
-                                                "plain model, model settings and device) from this recipe")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="float weights: the teacher's for a run "
-                                                 "directory, the model's otherwise")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="run directory only: the teacher "
+    recipe: Annotated[Path | None, typer.Option("--recipe", "-r", metavar="RECIPE", help="take the eval: section "
+                                                "(and, for a plain model, model settings and device) from this "
+                                                "recipe")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", metavar="FILE", help="float weights: the teacher's "
+                                                 "for a run directory, the model's otherwise")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="MODEL", help="run directory only: the teacher "
                                               "architecture, when the recipe names none")] = None,
-    evals: Annotated[list[str], typer.Option("--eval", "-e", help=EVAL_SPEC_HELP)] = [],  # noqa: B006
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="where metrics.json and roc.png go "
+    evals: Annotated[list[str], typer.Option("--eval", "-e", metavar="SPEC", help=EVAL_SPEC_HELP)] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="DIR", help="where metrics.json and roc.png go "
                                              "(default: RUN_DIR/eval, or runs/eval/MODEL)")] = None,
 ) -> None:
     """Evaluate a run's compressed model next to its teacher (or a plain model alone); write metrics.json."""
@@ -245,7 +339,7 @@ def eval_cmd(
     for note in job.notes:
         console.print(f"note: {note}", markup=False)
     results = run_eval(job, progress=console.is_terminal)
-    console.print(compare_table(*results.values(), names=job.names, title=f"{target}: " + " vs ".join(job.names)))
+    print_table(compare_table(*results.values(), names=job.names, title=f"{target}: " + " vs ".join(job.names)))
     console.print(f"metrics: {job.out / 'metrics.json'}", markup=False)
 
 
@@ -299,24 +393,26 @@ def _print_export_notes(reports: dict[str, Any]) -> None:
 @app.command("export")
 @guarded
 def export_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="run directory written by apply (recipe.yaml + model.pt)")],
-    formats: Annotated[list[str], typer.Option("--format", "-f", help="repeatable: onnx_qcdq, onnx_float, packed, "
-                                               "torch_int8 (default: the recipe's export: section, else "
-                                               "onnx_qcdq, packed, torch_int8)")] = [],  # noqa: B006
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="folder (default: RUN_DIR/export)")] = None,
-    opset: Annotated[int | None, typer.Option("--opset", help="ONNX opset, >= 13 (default: the recipe's, "
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR",
+                                            help="run directory written by apply (recipe.yaml + model.pt)")],
+    formats: Annotated[list[str], typer.Option("--format", "-f", metavar="FORMAT", help="repeatable: onnx_qcdq, "
+                                               "onnx_float, packed, torch_int8 (default: the recipe's export: "
+                                               "section, else onnx_qcdq, packed, torch_int8)")] = [],  # noqa: B006
+    out: Annotated[Path | None, typer.Option("--out", "-o", metavar="DIR",
+                                             help="folder (default: RUN_DIR/export)")] = None,
+    opset: Annotated[int | None, typer.Option("--opset", metavar="N", help="ONNX opset, >= 13 (default: the recipe's, "
                                               "else 13)")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="the teacher architecture, when the recipe "
-                                              "names none")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="the teacher's float weights (onnx_float, "
-                                                 "torch_int8 parity)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", metavar="MODEL", help="the teacher architecture, "
+                                              "when the recipe names none")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", metavar="FILE", help="the teacher's float weights "
+                                                 "(onnx_float, torch_int8 parity)")] = None,
 ) -> None:
     """Reload a run directory and write deployable files (int8 ONNX, packed weights, torch int8)."""
     from efquant_fx.pipeline import export_run
 
     result, out, reports = export_run(run_dir, out, formats=formats, opset=opset, model=model, weights=weights)
     _print_reload_notes(result)
-    console.print(_export_table(reports, title=f"{run_dir} -> {out}"))
+    print_table(_export_table(reports, title=f"{run_dir} -> {out}"))
     _print_export_notes(reports)
     console.print(f"manifest: {reports['manifest']}", markup=False)
 
@@ -328,8 +424,9 @@ def run() -> None:  # pragma: no cover - console script entry
 @app.command("quickstart")
 @guarded
 def quickstart_cmd(
-    out: Annotated[Path, typer.Option("--out", "-o", help="where the two runs go")] = Path("runs/quickstart"),
-    data: Annotated[Path | None, typer.Option("--data", envvar="EFQUANT_DATA",
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR",
+                                      help="where the two runs go")] = Path("runs/quickstart"),
+    data: Annotated[Path | None, typer.Option("--data", metavar="PATH", envvar="EFQUANT_DATA",
                                               help="aligned faces with finetune.txt + dev_pairs.bin")] = None,
 ) -> None:
     """The main job on the embedded SFace teacher: W8A8 and W4A4, fine-tuned, compared to the teacher."""
@@ -344,5 +441,5 @@ def quickstart_cmd(
         table.add_column(variant.upper(), justify="right")
     for k in keys:
         table.add_row(k, *[f"{v:.4f}" if isinstance(v, float) else str(v) for v in (r.get(k) for r in rows.values())])
-    console.print(table)
+    print_table(table)
     console.print(f"written: {out}/summary.json and one run directory per variant", markup=False)

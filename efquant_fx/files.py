@@ -95,15 +95,58 @@ def output_dir(out_dir: str | Path, field: str = "export.out_dir") -> Path:
     return path
 
 
-def check_writable(out: str | Path, field: str = "--out", what: str = "the run directory") -> Path:
-    """Fail before any work when ``out`` cannot be written: create it and write a probe file."""
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:  # deepest first; a folder something was written into stays
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def undo_new_folders(path: str | Path) -> Iterator[Path]:
+    """Remove ``path`` (and the parents made for it) again if the block fails and left them empty.
+
+    A command that fails before writing (a run that does not reload, an evaluator that refuses its
+    data) must not leave an empty ``export/`` or ``eval/`` folder that looks like output.
+    """
+    path = Path(path)
+    created = _missing_folders(path.absolute())
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def check_writable(out: str | Path, field: str = "--out", what: str = "the run directory", *,
+                   keep: bool = True) -> Path:
+    """Fail before any work when ``out`` cannot be written: create it and write a probe file.
+
+    ``keep=False`` removes the folders the probe had to create: the check alone leaves nothing behind
+    (for outputs written only at the end, once the work succeeded).
+    """
     out = Path(out)
+    created = _missing_folders(out.absolute())
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        _remove_empty(created)
         raise EfquantError(f"cannot write {what} here: not writable ({exc.strerror or exc})", source=str(out),
                            field=field) from None
+    if not keep:
+        _remove_empty(created)
     return out

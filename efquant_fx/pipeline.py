@@ -18,10 +18,10 @@ from torch import nn
 from efquant_fx.api import compress
 from efquant_fx.device import resolve_device
 from efquant_fx.errors import EfquantError
-from efquant_fx.files import check_writable, output_dir
+from efquant_fx.files import check_writable, output_dir, undo_new_folders
 from efquant_fx.recipe import ExportConfig, Recipe, load_recipe
 from efquant_fx.result import CompressionResult
-from efquant_fx.rundir import EVAL_DIR, EXPORT_DIR, RECIPE_FILE
+from efquant_fx.rundir import EVAL_DIR, EXPORT_DIR, RECIPE_FILE, RUN_FILES, RUN_FOLDERS
 
 
 @dataclass
@@ -57,12 +57,68 @@ def evaluate_pair(recipe: Recipe, teacher: nn.Module, student: nn.Module, out: P
     return evaluate_models(recipe, {"teacher": teacher, "student": student}, out, evals=evals, progress=progress)
 
 
+def claim_run_dir(out: Path, recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Make ``out`` hold this run only: a run directory with two runs' files in it (a W4A4 model.pt
+    beside a W8A8 best.pt and metrics.json) reloads and reports nonsense.
+
+    An empty or missing folder is taken. A non-empty one is refused, unless ``resume`` (the same
+    recipe's run continues there: a killed fine-tune) or ``overwrite`` (the run files listed in
+    :mod:`efquant_fx.rundir` are deleted first; other files are left alone).
+    """
+    if resume and overwrite:
+        raise EfquantError("--resume continues the run in --out and --overwrite replaces it: pass one of them",
+                           field="--overwrite")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if resume:
+        _check_same_run(out, recipe)
+    elif overwrite:
+        clear_run(out)
+    else:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise EfquantError(f"not empty (holds {shown}): pass --overwrite to replace that run, --resume to continue "
+                           "it, or choose another --out", source=str(out), field="--out")
+
+
+def _check_same_run(out: Path, recipe: Recipe) -> None:
+    """``--resume`` into ``out``: the run there must have been started by the same recipe."""
+    from efquant_fx.finetune.checkpoint import resume_hash
+
+    if not (out / RECIPE_FILE).is_file():
+        raise EfquantError(f"no {RECIPE_FILE} here, so no run to continue; choose another --out",
+                           source=str(out), field="--resume")
+    before = load_recipe(out / RECIPE_FILE)
+    if resume_hash(before) != resume_hash(recipe):
+        raise EfquantError(f"the run here was started by another recipe ({before.name}: model, quantization, "
+                           "data or fine-tune settings differ); resume with the same recipe, or pass --overwrite or "
+                           "another --out", source=str(out), field="--resume")
+
+
+def clear_run(out: Path) -> None:
+    """Delete a run's files and folders from ``out`` (the names in :mod:`efquant_fx.rundir`, nothing else)."""
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+        elif (out / name).is_symlink():
+            (out / name).unlink()
+
+
 def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module | str | None = None,
                out_dir: str | Path = "runs/latest", overrides: list[str] | None = None, resume: bool = False,
-               progress: bool = True) -> RunReport:
-    """The whole job, as :command:`efquant-fx apply` runs it."""
+               overwrite: bool = False, progress: bool = True) -> RunReport:
+    """The whole job, as :command:`efquant-fx apply` runs it.
+
+    ``out_dir`` must be empty, or hold this recipe's run with ``resume``, or be replaced with
+    ``overwrite`` (:func:`claim_run_dir`).
+    """
     spec = load_recipe(recipe, overrides or [])
     out = Path(out_dir)
+    claim_run_dir(out, spec, resume=resume, overwrite=overwrite)
     check_writable(out)
     spec.save(out / RECIPE_FILE)  # written first: a failed run still says what was asked
     result = compress(model if model is not None else spec.model.name, spec, finetune_dir=out, resume=resume)
@@ -130,21 +186,22 @@ def prepare_eval(target: str, *, recipe: str | Path | None = None, evals: list[d
     build_evaluators(evals if evals is not None else spec.eval, source="--eval")
     if path.is_dir():
         out_path = Path(out) if out is not None else path / EVAL_DIR
-        check_writable(out_path)
+        check_writable(out_path, keep=False)  # made when metrics are written: a failed reload leaves no eval/
         result = load_result(path, model=model, weights=weights)
         notes = [n.removeprefix("reload: ") for n in result.notes if n.startswith("reload: ")]
         return EvalJob(target, result.recipe, {"teacher": result.teacher, "student": result.model},
                        ["teacher", "compressed"], out_path, evals, notes)
     out_path = Path(out) if out is not None else Path("runs/eval") / path.name.removesuffix("-symbol.json")
     models = {"model": load_model(target, weights, **spec.model.kwargs)}
-    check_writable(out_path)  # after the model resolved: a mistyped name leaves no folder behind
+    check_writable(out_path, keep=False)  # after the model resolved: a mistyped name leaves no folder behind
     return EvalJob(target, spec, models, [target], out_path, evals)
 
 
 def run_eval(job: EvalJob, *, progress: bool = True) -> dict[str, Any]:
     """Evaluate every model of ``job``; writes metrics.json (and roc.png) into ``job.out``."""
-    return evaluate_models(job.recipe, job.models, job.out, evals=job.evals, progress=progress,
-                           extra={"target": job.target})
+    with undo_new_folders(job.out):
+        return evaluate_models(job.recipe, job.models, job.out, evals=job.evals, progress=progress,
+                               extra={"target": job.target})
 
 
 def export_settings(base: ExportConfig | None, formats: list[str] | None = None,
@@ -177,8 +234,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: l
     export_settings(None, formats, opset)  # bad flags fail before the reload
     run = Path(run_dir)
     out_path = Path(out) if out is not None else run / EXPORT_DIR
-    if run.is_dir():
-        output_dir(out_path, field="--out")
-    result = load_result(run, model=model, weights=weights)
-    config = export_settings(result.recipe.export, formats, opset)
-    return result, out_path, export_model(result, out_path, **config.model_dump())
+    with undo_new_folders(out_path):  # nothing half-written: a run that does not reload leaves no export/
+        if run.is_dir():
+            output_dir(out_path, field="--out")
+        result = load_result(run, model=model, weights=weights)
+        config = export_settings(result.recipe.export, formats, opset)
+        return result, out_path, export_model(result, out_path, **config.model_dump())

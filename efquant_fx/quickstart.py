@@ -16,16 +16,16 @@ from typing import Any
 from efquant_fx.errors import EfquantError
 from efquant_fx.files import atomic_write_text, check_writable
 from efquant_fx.pipeline import run_recipe
+from efquant_fx.recipe import SHIPPED_RECIPES
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 VARIANTS = ("w8a8", "w4a4")
 HELD_OUT_IMAGES = 32  # synthesized with another seed: never calibrated or trained on
 
 
 def _recipe_path(variant: str) -> Path:
-    path = RECIPES / f"quickstart_{variant}.yaml"
+    path = SHIPPED_RECIPES / f"quickstart_{variant}.yaml"  # inside the package: any install has them
     if not path.is_file():
-        raise EfquantError("quickstart recipe not found (run from a source checkout)", source=str(path))
+        raise EfquantError("quickstart recipe not found: the efquant-fx installation is incomplete", source=str(path))
     return path
 
 
@@ -71,7 +71,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", data: str | Path | N
         overrides = [f"calibration.data.cache={out / 'synthetic'}", f"finetune.data.cache={out / 'synthetic'}"]
         if data is not None:
             overrides = data_overrides(Path(data))
-        report = run_recipe(_recipe_path(variant), out_dir=out / variant, overrides=overrides, progress=progress)
+        # the quickstart's own folders: a second quickstart replaces them, as a newcomer expects
+        report = run_recipe(_recipe_path(variant), out_dir=out / variant, overrides=overrides, overwrite=True,
+                            progress=progress)
         result = report.result
         row: dict[str, Any] = {"size_mib": result.size_bytes_after / 2**20,
                                "teacher_size_mib": result.size_bytes_before / 2**20,

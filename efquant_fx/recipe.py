@@ -26,6 +26,7 @@ from efquant_fx.errors import EfquantError, RecipeError
 from efquant_fx.files import atomic_write_bytes
 
 RECIPE_VERSION = 1
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"  # inside the package: a wheel carries them
 Bits = int
 
 
@@ -466,10 +467,14 @@ def _loc_part(part: str | int) -> str:
     return str(part)
 
 
-def _format_errors(exc: ValidationError, source: str) -> list[str]:
+def _format_errors(exc: ValidationError, source: str, overridden: list[list[str]] | None = None) -> list[str]:
+    """One line per problem, naming where the bad value came from: the file, or ``--set`` when an
+    override put it there (``--set calibration.images=lots`` is not the recipe file's fault)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(_loc_part(p) for p in err["loc"]) or "<root>"
+        path = [str(p) for p in err["loc"]]
+        came_from = "--set" if any(path[: len(ov)] == ov for ov in overridden or []) else source
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             empty = err["loc"] and err["loc"][-1] == ""
@@ -477,23 +482,44 @@ def _format_errors(exc: ValidationError, source: str) -> list[str]:
                 "; see the recipe reference)"
         got = err.get("input")
         shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: {loc}: {msg}{shown}")
+        lines.append(f"{came_from}: {loc}: {msg}{shown}")
     return lines
 
 
-def validate_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+def validate_recipe(data: dict[str, Any], source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    """The validated recipe; problems in values that ``overrides`` set are reported against ``--set``."""
     if not isinstance(data, dict):
         raise RecipeError([f"{source}: <root>: expected a mapping of recipe sections, got {type(data).__name__}"])
     try:
         return Recipe.model_validate(_expand(data))
     except ValidationError as exc:
-        raise RecipeError(_format_errors(exc, source)) from None
+        overridden = [[p.strip() for p in item.partition("=")[0].strip().split(".")] for item in overrides or []]
+        raise RecipeError(_format_errors(exc, source, overridden)) from None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of every recipe that ships inside the package (``efquant-fx recipes list``); the
+    head-to-head benchmark's rows are ``bench/NAME``."""
+    return {p.relative_to(SHIPPED_RECIPES).with_suffix("").as_posix(): p
+            for p in sorted(SHIPPED_RECIPES.rglob("*.yaml"))}
+
+
+def resolve_recipe_path(ref: str | Path) -> Path:
+    """``ref`` itself when it is a file, else the shipped recipe of that name (``mobilefacenet_w8a8``,
+    ``.yaml`` optional), else ``ref`` unchanged (reading it then says it was not found).
+
+    A file that exists always wins, so a user's own ``mobilefacenet_w8a8.yaml`` is never shadowed.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return path
+    return shipped_recipes().get(str(ref).removesuffix(".yaml"), path)
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = resolve_recipe_path(path)
     if not path.is_file():
-        raise RecipeError([f"{path}: file not found"])
+        raise RecipeError([f"{path}: file not found (nor the name of a shipped recipe: efquant-fx recipes list)"])
     try:
         data = load_yaml(path.read_text(encoding="utf-8"))
     except YAMLLimitError as exc:
@@ -521,12 +547,13 @@ def load_recipe(
     elif isinstance(recipe, dict):
         data, source = recipe, "<recipe>"
     else:
-        data, source = read_recipe_file(recipe), str(recipe)
+        path = resolve_recipe_path(recipe)  # a shipped recipe by name: errors name its file
+        data, source = read_recipe_file(path), str(path)
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError([f"{source}: <root>: expected a mapping of recipe sections"])
         data = apply_overrides(data, overrides)
-    return validate_recipe(data, source)
+    return validate_recipe(data, source, overrides)
 
 
 def with_image_source(recipe: Recipe, data: str | Path, field: str = "--data") -> Recipe:

@@ -25,12 +25,12 @@ from efquant_fx.graph.passes import replay_passes
 from efquant_fx.graph.report import compressed_size_bytes, float_size_bytes, layer_table, summarize
 from efquant_fx.graph.state import fit_to_state
 from efquant_fx.graph.trace import trace
-from efquant_fx.models import list_models
+from efquant_fx.models import is_pretrained, list_models
 from efquant_fx.models.checkpoint import check_state_dict, read_state_dict
 from efquant_fx.models.loader import load_model
 from efquant_fx.recipe import load_recipe
 from efquant_fx.result import CompressionResult
-from efquant_fx.rundir import RECIPE_FILE, REPORT_FILE, STATE_FILE
+from efquant_fx.rundir import LAST_CHECKPOINT, RECIPE_FILE, REPORT_FILE, STATE_FILE
 
 
 def _read_report(path: Path) -> dict[str, Any]:
@@ -47,8 +47,11 @@ def _read_report(path: Path) -> dict[str, Any]:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise EfquantError("compressed state dict not found (CompressionResult.save() writes it)", source=str(path))
+    if not path.is_file():  # recipe.yaml is written first, model.pt last: the run stopped in between
+        resume = (f" (with --resume to continue its fine-tune from {LAST_CHECKPOINT})"
+                  if (path.parent / LAST_CHECKPOINT).is_file() else "")
+        raise EfquantError(f"this run did not finish: no {STATE_FILE}; rerun efquant-fx apply{resume}",
+                           source=str(path.parent))
     with path.open("rb") as fh:
         if fh.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; anything else is not ours
             raise EfquantError("not a torch.save() state dict (no zip header): damaged or another file",
@@ -130,7 +133,8 @@ def load_result(
     if saved_hash and saved_hash != recipe.hash:
         result.notes.append(f"reload: {REPORT_FILE} was written for recipe hash {saved_hash}, {RECIPE_FILE} "
                             f"has {recipe.hash}: the recipe was edited after the run")
-    if model is None and weights is None and recipe.model.weights is None and recipe.model.name in list_models():
+    if (model is None and weights is None and recipe.model.weights is None and recipe.model.name in list_models()
+            and not is_pretrained(recipe.model.name)):  # SFace loads its own weights: nothing random about it
         result.notes.append(f"reload: teacher {recipe.model.name!r} rebuilt without weights (seeded random init, "
                             "as compress() made it); pass weights= (--weights) if the run's teacher was pretrained")
     return result

@@ -27,11 +27,21 @@ class CompressionResult:
     size_bytes_after: int = 0
     calibration: list[dict[str, Any]] = field(default_factory=list)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # learned rounding, per layer
-    fidelity: dict[str, float] = field(default_factory=dict)
-    ptq_fidelity: dict[str, float] = field(default_factory=dict)  # before fine-tuning, when there was one
+    # teacher-student cosine: cosine_mean, cosine_min, images, held_out (False: scored on calibration images)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    ptq_fidelity: dict[str, Any] = field(default_factory=dict)  # before fine-tuning, when there was one
     history: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """One line: the generated repr printed both models and every report row (400,000+ characters)."""
+        f = self.fidelity
+        score = (f"cosine {f['cosine_mean']:.4f}" + ("" if f.get("held_out", True) else " (not held out)")
+                 if "cosine_mean" in f else "not scored")
+        return (f"CompressionResult(recipe={self.recipe.name!r}, {self.summary.get('quantized_layers', 0)}/"
+                f"{self.summary.get('compute_layers', 0)} layers quantized, {self.size_bytes_before / 2**20:.2f} MiB"
+                f" -> {self.size_bytes_after / 2**20:.2f} MiB, {score}, {len(self.notes)} note(s))")
 
     @property
     def size_ratio(self) -> float:

@@ -13,3 +13,10 @@ METRICS_FILE = "metrics.json"  # teacher vs student, per evaluator
 ROC_FILE = "roc.png"
 EXPORT_DIR = "export"
 EVAL_DIR = "eval"  # where ``efquant-fx eval RUN`` writes by default
+LAST_CHECKPOINT = "last.pt"  # the fine-tune checkpoint ``--resume`` continues from
+BEST_CHECKPOINT = "best.pt"
+FEATURE_CACHE = "feature_cache"  # embeddings cached by the evaluators
+
+# everything a run writes: what ``efquant-fx apply --overwrite`` clears (and nothing else)
+RUN_FILES = (RECIPE_FILE, REPORT_FILE, STATE_FILE, METRICS_FILE, ROC_FILE, LAST_CHECKPOINT, BEST_CHECKPOINT)
+RUN_FOLDERS = (EXPORT_DIR, EVAL_DIR, FEATURE_CACHE)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "efquant_fx"
 
 # the floors, bottom to top; a module may import from its own floor or below, never above
 FLOORS: dict[str, int] = {
-    "errors": 0, "files": 0, "device": 0, "rundir": 0, "datakinds": 0,
+    "errors": 0, "files": 0, "device": 0, "rundir": 0, "datakinds": 0, "logs": 0,
     "recipe": 1,
     "result": 2, "models": 2,
     "graph": 3, "data": 3,

@@ -238,7 +238,7 @@ def test_export_config_matches_export_model():
 def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_path):
     from efquant_fx.recipe import load_recipe, with_image_source
 
-    spec = load_recipe(REPO / "recipes" / "mobilefacenet_w6a6.yaml")  # list-file data with max_images
+    spec = load_recipe("mobilefacenet_w6a6")  # a shipped recipe by name: list-file data with max_images
     faces = tmp_path / "faces"
     faces.mkdir()
     out = with_image_source(spec, faces)
@@ -276,3 +276,90 @@ def test_a_failed_export_or_eval_leaves_no_empty_folder(broken_run, faces):
     res = runner.invoke(app, ["eval", str(broken_run), "--eval", f"pairs:pairs={faces / 'pairs.txt'},root={faces}"])
     assert "did not finish" in one_error_line(res)
     assert not (broken_run / "eval").exists()
+
+
+def test_a_bad_set_value_is_reported_against_set_not_the_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant: {colour: 1}\n")
+    res = runner.invoke(app, ["recipes", "validate", str(recipe), "--set", "calibration.images=lots"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {recipe}: quant.colour: unknown field (check the spelling; see the recipe reference)",
+        "error: --set: calibration.images: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'lots')"]
+
+
+def test_recipes_validate_refuses_an_unknown_model_name(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: mobilefacenett}\n")
+    line = one_error_line(runner.invoke(app, ["recipes", "validate", str(recipe)]))
+    assert line.startswith(f"error: {recipe}: model.name: unknown model 'mobilefacenett'; known models: ")
+    line = one_error_line(runner.invoke(app, ["recipes", "validate", str(recipe), "--set", "model.name=r9000"]))
+    assert line.startswith("error: --set: model.name: unknown model 'r9000'")
+    for ok in ("mobilefacenet", "my/model.onnx"):
+        assert runner.invoke(app, ["recipes", "validate", str(recipe), "--set", f"model.name={ok}"]).exit_code == 0
+
+
+def test_piped_tables_are_not_cut_to_80_columns():
+    res = runner.invoke(app, ["inspect", "mobilefacenet", "--set", "quant.weight_bits=4",
+                              "--set", r"quant.exclude=['^features']"])
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.stdout  # no layer name or reason shortened
+    row = next(line for line in res.stdout.splitlines() if "features.layers.0.layers.0 " in line)
+    assert "float: quant.exclude '^features'" in row
+
+
+def test_help_names_what_options_take_not_python_types():
+    for args in (["--help"], ["apply", "--help"], ["export", "--help"]):
+        out = runner.invoke(app, args).output
+        assert "<bool>" not in out and "<list[str]>" not in out, out
+    out = runner.invoke(app, ["apply", "--help"]).output
+    assert "--set KEY=VALUE" in out and "--overwrite" in out
+
+
+# --- shipped recipes (issue 16, item 8) ---------------------------------------------------------------
+
+
+def test_recipes_ship_inside_the_package():
+    """The wheel's package-data pattern must match real files: recipes/ used to sit beside the package."""
+    from efquant_fx.recipe import SHIPPED_RECIPES, shipped_recipes
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    assert SHIPPED_RECIPES.parent == REPO / "efquant_fx"
+    assert {"quickstart_w8a8", "quickstart_w4a4", "mobilefacenet_w8a8"} <= set(shipped_recipes())
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["efquant_fx"]
+    packaged = {p for pattern in patterns for p in (REPO / "efquant_fx").glob(pattern)}
+    assert set(shipped_recipes().values()) <= packaged
+    top = REPO / "recipes"  # one copy only: a top-level recipes/ may only point at the shipped one
+    assert not top.exists() or top.resolve() == SHIPPED_RECIPES
+
+
+def test_recipes_list_and_show():
+    from efquant_fx.recipe import SHIPPED_RECIPES
+
+    res = runner.invoke(app, ["recipes", "list"])
+    assert res.exit_code == 0, res.output
+    assert "quickstart_w4a4" in res.stdout and "mobilefacenet_w8a8" in res.stdout and "W8A8" in res.stdout
+    res = runner.invoke(app, ["recipes", "show", "mobilefacenet_w8a8"])
+    assert res.exit_code == 0 and res.stdout == (SHIPPED_RECIPES / "mobilefacenet_w8a8.yaml").read_text()
+    line = one_error_line(runner.invoke(app, ["recipes", "show", "mobilefacenet_w9a9"]))
+    assert line.startswith("error: unknown recipe 'mobilefacenet_w9a9'; shipped: ")
+
+
+def test_a_shipped_recipe_is_taken_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here: a non-editable install's view
+    res = runner.invoke(app, ["recipes", "validate", "quickstart_w8a8", "mobilefacenet_w4a4.yaml"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["inspect", "mobilefacenet", "--recipe", "mobilefacenet_w4a8"])
+    assert res.exit_code == 0 and "recipe mobilefacenet_w4a8" in res.output
+    res = runner.invoke(app, ["apply", "mobilefacenet_w8a8", "--out", "run", "--set", "calibration.data={kind: random}",
+                              "--set", "calibration.images=8", "--set", "calibration.batch_size=4",
+                              "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "model.pt").is_file()
+    (tmp_path / "mobilefacenet_w8a8.yaml").write_text("name: mine\n")  # a file of that name wins
+    assert "(mine," in runner.invoke(app, ["recipes", "validate", "mobilefacenet_w8a8.yaml"]).output
+    line = one_error_line(runner.invoke(app, ["recipes", "validate", "recipes/mobilefacenet_w8a8.yaml"]))
+    assert line == ("error: recipes/mobilefacenet_w8a8.yaml: file not found (nor the name of a shipped recipe: "
+                    "efquant-fx recipes list)")

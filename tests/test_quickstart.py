@@ -57,6 +57,14 @@ def test_quickstart_runs_from_the_readme_in_a_fresh_directory(tmp_path):
     for variant in rows:  # each variant left a complete run directory
         assert {"recipe.yaml", "compression.json", "model.pt"} <= {p.name for p in (out / variant).iterdir()}
     assert "W8A8" in proc.stdout and "W4A4" in proc.stdout
+    assert "graph pass" in proc.stderr and "fine-tune: step" in proc.stderr  # piped: progress as log lines
+    for variant in rows:  # issue 16, item 1: the quickstart's runs export (synthetic images from the cache)
+        exported = subprocess.run([str(exe), "export", str(out / variant)], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=900)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        assert "without weights" not in exported.stdout + exported.stderr  # SFace is pretrained
+        assert "fast_hadamard_transform" not in exported.stderr
+        assert (out / variant / "export" / "export.json").is_file()
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -7,7 +7,7 @@ import yaml
 from efquant_fx import RecipeError, load_recipe
 from efquant_fx.recipe import apply_overrides
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))  # recipes/bench too
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "efquant_fx" / "recipes").rglob("*.yaml"))  # bench/ too
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -209,7 +209,7 @@ def test_shipped_low_bit_recipes_run_their_passes_on_their_architecture(name, mo
     """Role rules select layers and every pass runs (r18 stands in for r100: the same block layout)."""
     from efquant_fx import compress
 
-    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml"
+    path = Path(__file__).resolve().parents[1] / "efquant_fx" / "recipes" / f"{name}.yaml"
     result = compress(model, path, overrides=["calibration.data={kind: random}", "calibration.images=8",
                                               "calibration.batch_size=4", "ptq.learned_rounding.iters=1",
                                               "device=cpu"])

@@ -51,6 +51,15 @@ def test_reload_by_model_name_gives_the_same_model_and_teacher(mbf_run):
     assert ranges and all(r["reason"].startswith("range ") for r in ranges)  # from compression.json
 
 
+def test_reload_of_a_pretrained_zoo_model_does_not_say_random_weights(tmp_path):
+    """SFace loads its own pretrained weights: 'rebuilt without weights' was a false note (issue 16, item 1)."""
+    recipe = {"model": {"name": "sface"}, "device": "cpu", "quant": {"weight_bits": 8, "act_bits": 8},
+              "calibration": {"images": 4, "batch_size": 4}}
+    compress("sface", recipe).save(tmp_path)
+    back = load_result(tmp_path)
+    assert not any("without weights" in n for n in back.notes), back.notes
+
+
 @pytest.mark.parametrize("sections", [
     {"ptq": {"cross_layer_equalization": 2, "act_equalization": 0.5, "bias_correction": True}},
     {"quant": {"weight_bits": 4, "weight_estimator": "mse", "weight_symmetric": False, "act_symmetric": False}},
@@ -103,7 +112,7 @@ def broken(tiny_run, tmp_path, fname: str, content: bytes | None):
 
 
 @pytest.mark.parametrize(("fname", "content", "message"), [
-    ("model.pt", None, "model.pt: compressed state dict not found"),
+    ("model.pt", None, "run: this run did not finish: no model.pt; rerun efquant-fx apply"),
     ("model.pt", b"hello", "model.pt: not a torch.save() state dict"),
     ("recipe.yaml", None, "no recipe.yaml: not a run directory"),
     ("recipe.yaml", b"quant: [\n", "recipe.yaml: line 2, column 1: malformed YAML"),

@@ -156,10 +156,13 @@ def _build_read(spec: dict[str, Any], kind: DatasetKind, ctx: BuildContext,
     report.selected = len(dataset)
 
     good = validate_entries(dataset.keys, dataset.read_bytes, dataset.describe, validate, report)
-    if len(good) < len(dataset):
+    if len(good) < len(dataset):  # named here too: on a terminal only the notes (warnings) are shown
+        bad = len(dataset) - len(good)
+        more = f" (+{bad - len(report.unreadable_paths)} more)" if bad > len(report.unreadable_paths) else ""
         report.notes.append(
-            f"{len(dataset) - len(good)} of {report.selected} selected images are unreadable and were "
-            f"dropped; fine-tuning uses {len(good)}"
+            f"{bad} of {report.selected} selected images are unreadable and were dropped: "
+            f"{'; '.join(report.unreadable_paths)}{more}; {'fine-tuning' if ctx.train else 'calibration'} "
+            f"uses {len(good)}"
         )
         dataset.keep(good)
     report.loaded = len(dataset)

@@ -48,6 +48,7 @@ from efquant_fx.data.base import InMemoryFaceDataset, sample_seed
 from efquant_fx.data.report import DataReport
 from efquant_fx.datakinds import BuildContext, register_dataset_kind
 from efquant_fx.errors import EfquantError
+from efquant_fx.logs import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,15 @@ def synthesize_batch(
 
 @contextmanager
 def _progress(total: int, description: str, enabled: bool | None) -> Iterator[Callable[[], None]]:
-    """Yield ``advance()``; a rich bar only on an interactive terminal (or when forced on)."""
+    """Yield ``advance()``; a rich bar on an interactive terminal (unless ``enabled`` is False), else
+    log lines every few seconds (a piped or logged synthesis takes minutes, and must not be silent)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
-    if not (console.is_terminal if enabled is None else enabled):
-        yield lambda: None
+    if enabled is False or not console.is_terminal:
+        lines = ProgressLog(description, total, "step")
+        yield lambda: lines.advance()
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:

@@ -1,4 +1,5 @@
-"""Progress bars for long extractions: shown on an interactive terminal, silent in logs and CI."""
+"""Progress for long extractions: a bar on an interactive terminal; elsewhere (logs, CI, a pipe)
+plain log lines every few seconds (:class:`efquant_fx.logs.ProgressLog`), shown by the CLI."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from efquant_fx.logs import ProgressLog
+
 
 @contextmanager
 def progress_bar(
     total: int, description: str, enabled: bool | None = None
 ) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; ``enabled=None`` shows the bar only when stderr is a terminal."""
+    """Yield ``advance(n)``; a bar when stderr is a terminal (unless ``enabled`` is False). Without
+    a bar, the count goes to log lines instead (a bar drawn into a log file shows nothing)."""
     console = Console(stderr=True)
-    if enabled is None:
-        enabled = console.is_terminal
-    if not enabled or total <= 0:
+    if total <= 0:
         yield lambda n: None
+        return
+    if enabled is False or not console.is_terminal:
+        lines = ProgressLog(description, total, "image")
+        yield lambda n: lines.advance(n)
         return
     columns = (
         TextColumn("{task.description}"),

@@ -9,6 +9,8 @@ each on each model, and writes ``metrics.json`` and ``roc.png``.
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from efquant_fx.eval.plot import plot_roc
 from efquant_fx.eval.registry import build_evaluators
 from efquant_fx.eval.report import write_metrics_json
 from efquant_fx.eval.result import EvalResult
+
+log = logging.getLogger(__name__)
 
 
 def accepts_progress(evaluator: Evaluator) -> bool:
@@ -83,7 +87,11 @@ def evaluate_and_report(
     results: dict[str, list[EvalResult]] = {role: [] for role in models}
     for ev in evaluators:
         for role, model in models.items():
+            t0 = time.perf_counter()
+            log.info("eval: %s on the %s", getattr(ev, "label", ev.name), role)
             results[role].append(run_evaluator(ev, model.eval(), device=device, cache=cache, progress=progress))
+            log.info("eval: %s on the %s done in %.1f s", getattr(ev, "label", ev.name), role,
+                     time.perf_counter() - t0)
     hashes = {role: model_hash(model) for role, model in models.items()}
     write_metrics_json(out / "metrics.json", results, recipe_hash=recipe_hash, model_hashes=hashes, extra=extra)
     curves = {f"{role} {r.name}": r for role in models for r in results[role] if r.curve is not None}

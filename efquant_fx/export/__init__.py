@@ -23,7 +23,7 @@ import torch
 
 from efquant_fx.data.calibration import as_batches, calibration_batches
 from efquant_fx.errors import EfquantError
-from efquant_fx.export.files import atomic_write_text, output_dir
+from efquant_fx.export.files import atomic_write_text, output_dir, undo_new_folders
 from efquant_fx.export.onnx_float import export_float_onnx
 from efquant_fx.export.onnx_qcdq import export_onnx_qcdq
 from efquant_fx.export.packed import load_packed, read_packed, save_packed
@@ -45,12 +45,17 @@ __all__ = [
 
 
 def _calibration(result: Any, calibration: torch.Tensor | Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
-    """The given batches, or the recipe's calibration images rebuilt (same seed as ``compress()``)."""
+    """The given batches, or the recipe's calibration images rebuilt (same seed as ``compress()``).
+
+    The teacher goes along: synthetic images (the quickstart's) are made from it, and read back from
+    the recipe's ``cache`` when ``compress()`` left them there.
+    """
     cal = result.recipe.calibration
     if calibration is not None:
         batches = as_batches(calibration, cal.batch_size, cal.images)
     else:
-        batches = calibration_batches(cal.data, cal.images, cal.batch_size, result.recipe.seed)
+        batches = calibration_batches(cal.data, cal.images, cal.batch_size, result.recipe.seed,
+                                      teacher=getattr(result, "teacher", None))
     batches = [b.detach().float().cpu() for b in batches]
     if not batches:
         raise EfquantError("calibration data is empty", field="calibration.data")
@@ -88,12 +93,19 @@ def export_model(
     the recipe's ``export:`` section (:class:`efquant_fx.recipe.ExportConfig`).
     """
     formats = _check_formats(formats)
-    out = output_dir(out_dir)
     needs_data = "torch_int8" in formats or ("onnx_qcdq" in formats and int8_kernels)
     batches = _calibration(result, calibration) if needs_data else []
     if inputs is None:
         inputs = batches[-1] if batches else _calibration(result, calibration)[-1]
     inputs = inputs[:check_images].detach().float().cpu()
+    with undo_new_folders(out_dir):  # a format that fails before writing leaves no empty folder
+        return _write_formats(result, output_dir(out_dir), formats, batches, inputs, int8_kernels=int8_kernels,
+                              requantize_linear=requantize_linear, opset=opset)
+
+
+def _write_formats(result: Any, out: Path, formats: list[str], batches: list[torch.Tensor], inputs: torch.Tensor,
+                   *, int8_kernels: bool, requantize_linear: bool, opset: int) -> dict[str, Any]:
+    """Each format's file, then ``export.json`` naming them all with their parity reports."""
     q = result.recipe.quant
     reports: dict[str, Any] = {}
     for fmt in formats:

@@ -65,6 +65,23 @@ def example_input(inputs: torch.Tensor | None) -> torch.Tensor:
     return torch.rand(1, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
+HADAMARD_WARNING = "fast_hadamard_transform package not found"
+
+
+def _brevitas_exporter():
+    """Brevitas's QCDQ exporter, imported without its ``fast_hadamard_transform`` UserWarning.
+
+    Importing ``brevitas.export`` imports ``brevitas.graph.equalize``, which warns on every first
+    import that an optional CUDA kernel package for Hadamard rotations is missing. We use no
+    rotations, so the warning only alarmed users on every export; other warnings still show.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=HADAMARD_WARNING, category=UserWarning)
+        from brevitas.export import export_onnx_qcdq
+
+    return export_onnx_qcdq
+
+
 def export_onnx_qcdq(
     model: nn.Module,
     path: str | Path,
@@ -91,8 +108,7 @@ def export_onnx_qcdq(
     8 bits for a negligible speed gain. ``inputs`` (``[N, 3, 112, 112]``) are used
     for the parity check; the model itself is never modified.
     """
-    from brevitas.export import export_onnx_qcdq as brevitas_export
-
+    brevitas_export = _brevitas_exporter()
     path = Path(path)
     source = copy.deepcopy(model).cpu().eval()
     lazy = act_points_not_quantizing(source)

@@ -58,8 +58,9 @@ def resume_hash(recipe: Recipe) -> str:
     data = recipe.to_dict()
     for key in ("eval", "export", "name", "description"):
         data.pop(key, None)
-    data.get("finetune", {}).pop("eval_every", None)
-    data.get("finetune", {}).pop("checkpoint_every", None)
+    finetune = data.get("finetune") or {}  # None for a PTQ-only recipe (apply --resume still compares it)
+    finetune.pop("eval_every", None)
+    finetune.pop("checkpoint_every", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,6 +11,7 @@ came from.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from efquant_fx.graph import calibrate as calib
 from efquant_fx.graph import ptq
 from efquant_fx.graph.quantize import quantize_graph
 from efquant_fx.recipe import QuantConfig, Recipe, RoundingSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -258,10 +261,11 @@ def build_passes(recipe: Recipe) -> list[GraphPass]:
 
 
 def run_passes(gm: fx.GraphModule, passes: Sequence[GraphPass], ctx: PassContext) -> fx.GraphModule:
-    """Apply ``passes`` in order (data passes only when ``ctx`` has batches), timing each one."""
-    for p in passes:
-        if p.needs_data and ctx.replay:
-            continue
+    """Apply ``passes`` in order (data passes only when ``ctx`` has batches), timing each one; a log
+    line as each starts, so a piped run of a long GPTQ or calibration says what it is doing."""
+    todo = [p for p in passes if not (p.needs_data and ctx.replay)]
+    for i, p in enumerate(todo, 1):
+        log.info("graph pass %d/%d: %s", i, len(todo), p.name)
         ctx.stage = p.label
         t0 = time.perf_counter()
         gm = p.apply(gm, ctx)

@@ -14,16 +14,24 @@ ModelFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_PRETRAINED: set[str] = set()
 
 
-def register_model(name: str, description: str = "") -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator that makes ``factory`` available as ``create_model(name)``."""
+def register_model(name: str, description: str = "", *, pretrained: bool = False,
+                   ) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator that makes ``factory`` available as ``create_model(name)``.
+
+    ``pretrained=True`` says the factory itself loads trained weights (SFace carries its own), so a
+    run of it without ``weights`` is not a random model and nothing should say it is.
+    """
 
     def decorate(factory: ModelFactory) -> ModelFactory:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         _REGISTRY[name] = factory
         _DESCRIPTIONS[name] = description or (factory.__doc__ or "").strip().splitlines()[0]
+        if pretrained:
+            _PRETRAINED.add(name)
         return factory
 
     return decorate
@@ -32,6 +40,11 @@ def register_model(name: str, description: str = "") -> Callable[[ModelFactory],
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`, sorted."""
     return sorted(_REGISTRY)
+
+
+def is_pretrained(name: str) -> bool:
+    """Whether the zoo entry ``name`` comes with trained weights of its own (no ``weights`` needed)."""
+    return name in _PRETRAINED
 
 
 def describe_models() -> dict[str, str]:

