@@ -45,6 +45,8 @@ def frozen_quantizers(model: nn.Module) -> Iterator[nn.Module]:
     patched = []
     with torch.no_grad():
         for m in model.modules():
+            if "forward" in vars(m):  # frozen already (a nested call): the outer block restores it
+                continue
             if isinstance(m, ActQuant) and m.mode == "quant":
                 m.forward = _point_forward(m)  # type: ignore[method-assign]
             elif isinstance(m, QuantConv2d) and m.padding_mode == "zeros" or isinstance(m, QuantLinear):

@@ -22,6 +22,8 @@ def test_frozen_forward_matches_brevitas(quant):
         reference = model(X)
         with frozen_quantizers(model):
             frozen = model(X)
+            with frozen_quantizers(model):  # nested (evaluation inside a frozen block): the outer one restores
+                assert torch.equal(model(X), frozen)
         again = model(X)
     assert torch.allclose(frozen, reference, atol=1e-5, rtol=1e-4)
     assert torch.equal(again, reference)
