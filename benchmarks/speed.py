@@ -129,7 +129,7 @@ def apply_row(shared: Path) -> dict[str, Any]:
     """Peak RSS of a child ``efquant-fx apply`` of the shipped W8A8 recipe on the real teacher."""
     exe = Path(sys.executable).with_name("efquant-fx")
     with tempfile.TemporaryDirectory() as out:
-        cmd = [str(exe), "apply", str(REPO / "recipes" / "mobilefacenet_w8a8.yaml"), "--model",
+        cmd = [str(exe), "apply", str(REPO / "efquant_fx" / "recipes" / "mobilefacenet_w8a8.yaml"), "--model",
                str(shared / MXNET), "--out", str(Path(out) / "run")]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t0 = time.perf_counter()
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         "qat_step_ratio_w4a4": round(steps["w4a4_qat"] / steps["float"], 2),
         "fakequant_embed_ratio": round(emb["w8a8_frozen"] / emb["float"], 2),
         "fakequant_embed_ratio_brevitas_forward": round(emb["w8a8_brevitas"] / emb["float"], 2),
-        "apply_peak_rss_mib": report.get("apply", {}).get("peak_rss_mib"),
+        "apply_peak_rss_mib": report["apply"]["peak_rss_mib"] if report.get("apply", {}).get("exit_code") == 0
+        else None,
         "cli_help_s": report["cli_help_s"],
         "finetune_faces_per_s_w4a4": round(64 / steps["w4a4_qat"], 1),
     }
