@@ -63,13 +63,14 @@ import re
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads starve a shared machine
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
 from _common import SHARED_NOTE, default_shared, load_teacher, machine, write_json  # noqa: E402
+
+from efquant_fx.graph.frozen import frozen_quantizers as fast_fake_quant  # noqa: E402  (the same numbers, faster)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "finetune.json"
@@ -106,47 +107,6 @@ def keep8_rule(names: dict[str, list[str]], keep: str) -> tuple[list[dict[str, A
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
-@contextmanager
-def fast_fake_quant(model):
-    """Evaluation-only speed-up with the same numbers: weights fake-quantized once (not every forward)
-    and activation points as ``clamp(round(x / scale), lo, hi) * scale`` with the scale Brevitas would use
-    (Brevitas's quant proxies add many elementwise ops; ``torch.fake_quantize_per_tensor_affine``
-    multiplies by 1/scale and flips some roundings, so it is not used).
-    :func:`check_fast_path` compares both paths on real faces for every model evaluated."""
-    import torch
-    import torch.nn.functional as F
-    from brevitas.nn import QuantConv2d, QuantLinear
-
-    from efquant_fx.graph.modules import ActQuant
-
-    patched = []
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ActQuant) and m.mode == "quant":
-                qt = m.quant.act_quant(torch.zeros(1, device=next(iter(m.parameters())).device))
-                scale, zp, bits = qt.scale.detach(), qt.zero_point.detach(), int(qt.bit_width)
-                lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if bool(qt.signed) else (0, 2**bits - 1)
-                if bool((zp != 0).any()):
-                    m.forward = (lambda x, s=scale, z=zp, a=lo, b=hi:
-                                 (torch.clamp(torch.round(x / s + z), a, b) - z) * s)
-                else:  # Brevitas's own arithmetic (x / s, round half-even, clamp, * s) without its overheads
-                    m.forward = lambda x, s=scale, a=lo, b=hi: torch.clamp(torch.round(x / s), a, b) * s
-                patched.append(m)
-            elif isinstance(m, QuantConv2d) and m.padding_mode == "zeros":
-                w = m.quant_weight().value.detach().clone()
-                m.forward = (lambda x, m=m, w=w: F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups))
-                patched.append(m)
-            elif isinstance(m, QuantLinear):
-                w = m.quant_weight().value.detach().clone()
-                m.forward = lambda x, m=m, w=w: F.linear(x, w, m.bias)
-                patched.append(m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
 
 
 def check_fast_path(model, images) -> float:

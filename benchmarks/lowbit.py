@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by file path
 from _common import SHARED_NOTE, default_shared, load_teacher, machine, write_json  # noqa: E402
 
-from efquant_fx.graph.frozen import frozen_quantizers as fast_fake_quant  # noqa: E402
+from efquant_fx.graph.frozen import frozen_quantizers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "lowbit.json"
@@ -97,8 +97,7 @@ class DevEval:
         from efquant_fx.eval.embed import extract_embeddings, l2_normalize
         from efquant_fx.eval.verification import verification_result
 
-        with fast_fake_quant(model):
-            feats = extract_embeddings(model, self.images, flip=self.flip, batch_size=64, progress=False)
+        feats = extract_embeddings(model, self.images, flip=self.flip, batch_size=64, progress=False)  # frozen inside
         res = verification_result("dev_pairs", "lfw_bin", feats, self.left, self.right, self.issame,
                                   n_folds=3, flip=self.flip)
         emb = l2_normalize(feats.sum(axis=1) if self.flip else feats[:, 0]).astype(np.float32)
@@ -127,7 +126,7 @@ def average_bits(model) -> dict[str, float]:
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    with torch.no_grad(), fast_fake_quant(model):
+    with torch.no_grad(), frozen_quantizers(model):
         model(torch.zeros(1, 3, 112, 112))
     for h in handles:
         h.remove()

@@ -10,7 +10,7 @@ gradients and learnable scales are the point there).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -31,11 +31,17 @@ def _point_forward(point: ActQuant):
     return lambda x: torch.clamp(torch.round(x / scale), lo, hi) * scale
 
 
+def layer_functional(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x, weight) -> output`` of a Brevitas conv/linear with any weight (its bias and geometry kept)."""
+    if isinstance(layer, QuantConv2d):
+        return lambda x, w: F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return lambda x, w: F.linear(x, w, layer.bias)
+
+
 def _layer_forward(layer: nn.Module):
     weight = layer.quant_weight().value.detach().clone()
-    if isinstance(layer, QuantConv2d):
-        return lambda x: F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return lambda x: F.linear(x, weight, layer.bias)
+    forward = layer_functional(layer)
+    return lambda x: forward(x, weight)
 
 
 @contextmanager

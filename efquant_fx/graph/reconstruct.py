@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantLinear
 from torch import nn
 
-from efquant_fx.graph.frozen import frozen_quantizers
+from efquant_fx.graph.frozen import frozen_quantizers, layer_functional
 from efquant_fx.graph.modules import ActQuant
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,6 @@ def _grid(layer: nn.Module) -> tuple[torch.Tensor, int, int] | None:
     return qt.scale.detach(), qmin, qmax
 
 
-def _functional(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if isinstance(layer, QuantConv2d):
-        return lambda x, w: F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return lambda x, w: F.linear(x, w, layer.bias)
-
-
 def _rounding_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
@@ -122,7 +116,7 @@ def _learn_rounding(layer: nn.Module, point: ActQuant | None, x: torch.Tensor, t
     act_params = [p for p in point.parameters() if p.requires_grad] if point is not None and cfg.learn_act_scale \
         else []
     opt = torch.optim.Adam([{"params": params, "lr": cfg.lr}, {"params": act_params, "lr": cfg.lr * 0.1}])
-    forward = _functional(layer)
+    forward = layer_functional(layer)
     g = torch.Generator(device="cpu").manual_seed(0)
     warm = int(cfg.warmup * cfg.iters)
     for it in range(cfg.iters):
@@ -171,7 +165,7 @@ def _float_twin(gm: fx.GraphModule) -> fx.GraphModule:
         if isinstance(m, ActQuant):
             m.mode = "float"
         elif isinstance(m, QuantConv2d | QuantLinear):
-            m.forward = (lambda x, m=m: _functional(m)(x, m.weight))  # type: ignore[method-assign]
+            m.forward = (lambda x, m=m: layer_functional(m)(x, m.weight))  # type: ignore[method-assign]
     return twin.eval()
 
 
