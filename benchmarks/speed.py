@@ -7,7 +7,8 @@ weights when the shared folder is absent, which ``teacher`` in the JSON says):
   fake-quant student through Brevitas's forward, and through :func:`efquant_fx.graph.frozen.frozen_quantizers`
   (what ``efquant-fx eval`` uses); median of ``--repeats`` interleaved rounds;
 * ``train_step``: one training step (batch 64, KD cosine loss, AdamW, BN in eval) of the float model
-  and of the W4A4 QAT student, interleaved, median;
+  and of the W4A4 QAT student, interleaved, median; the student through the fused fake-quant path the
+  fine-tuner uses (:func:`efquant_fx.graph.fakequant.fast_fake_quant`) and through Brevitas's forward;
 * ``cli_help``: wall time of ``efquant-fx --help`` in a fresh process;
 * ``apply``: peak resident memory (child process) and wall time of ``efquant-fx apply
   recipes/mobilefacenet_w8a8.yaml`` on the real teacher and ``finetune.txt`` (``--skip-apply`` skips it).
@@ -93,26 +94,32 @@ def embed_times(teacher, w8, images, repeats: int) -> dict[str, float]:
 
 
 def step_times(teacher, qat, images, repeats: int) -> dict[str, float]:
+    import contextlib
+
     import torch
 
     from efquant_fx.finetune.losses import build_combined_loss
     from efquant_fx.finetune.runtime import set_train_mode
+    from efquant_fx.graph.fakequant import fast_fake_quant
 
     batch = images[:64]
     with torch.no_grad():
         target = teacher(batch)
     fns = {}
-    for name, model in (("float", copy.deepcopy(teacher)), ("w4a4_qat", copy.deepcopy(qat))):
+    variants = (("float", teacher, False), ("w4a4_qat", qat, True), ("w4a4_qat_brevitas", qat, False))
+    for name, source, fused in variants:
+        model = copy.deepcopy(source)
         for p in model.parameters():
             p.requires_grad_(True)
         set_train_mode(model, "teacher")
         loss = build_combined_loss({"kd_cosine": {"weight": 1.0}})
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-        def step(model=model, loss=loss, opt=opt):
-            total, _ = loss(model(batch), target, None)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
+        def step(model=model, loss=loss, opt=opt, fused=fused):
+            with fast_fake_quant(model) if fused else contextlib.nullcontext():  # what the trainer does
+                total, _ = loss(model(batch), target, None)
+                opt.zero_grad(set_to_none=True)
+                total.backward()
             opt.step()
         fns[name] = step
     return interleaved(fns, repeats)
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     report["train_step_s"] = {k: round(v, 3) for k, v in steps.items()}
     report["headline"] = {
         "qat_step_ratio_w4a4": round(steps["w4a4_qat"] / steps["float"], 2),
+        "qat_step_ratio_w4a4_brevitas_forward": round(steps["w4a4_qat_brevitas"] / steps["float"], 2),
         "fakequant_embed_ratio": round(emb["w8a8_frozen"] / emb["float"], 2),
         "fakequant_embed_ratio_brevitas_forward": round(emb["w8a8_brevitas"] / emb["float"], 2),
         "apply_peak_rss_mib": report["apply"]["peak_rss_mib"] if report.get("apply", {}).get("exit_code") == 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,7 @@ from efquant_fx.finetune.runtime import (
 )
 from efquant_fx.finetune.step import StepOutcome, StepParts, train_step
 from efquant_fx.graph import calibrate as calib
+from efquant_fx.graph.fakequant import fast_fake_quant
 from efquant_fx.recipe import FinetuneConfig
 
 if TYPE_CHECKING:
@@ -139,7 +141,8 @@ def finetune(
     try:
         if run.step == 0 and cfg.calibrate_steps == 0:
             evaluate(0, run.history)  # the PTQ baseline: fine-tuning must beat it to be kept
-        with stop_on_signals(loop.stop), Progress(cfg.steps, run.step, progress and info.main) as bar:
+        with stop_on_signals(loop.stop), Progress(cfg.steps, run.step, progress and info.main) as bar, \
+                fast_fake_quant(student) if cfg.fused_fake_quant else nullcontext():
             while run.step < cfg.steps and run.stop_reason is None:
                 train_one_epoch(loop, run, batches.loader(run), bar)
         _finish(loop, run, result)
