@@ -163,6 +163,8 @@ def compress(
     except torch.OutOfMemoryError as exc:
         raise _out_of_memory(exc, ctx.stage, recipe.calibration.batch_size, device) from None
 
+    if ctx.quant is not None:  # the budget's choice, as rules: the saved recipe rebuilds this graph
+        recipe = recipe.model_copy(update={"quant": ctx.quant})
     layers = layer_table(gm, ctx.plans)
     result = CompressionResult(
         model=gm, teacher=teacher, recipe=recipe, layers=layers, summary=summarize(layers),

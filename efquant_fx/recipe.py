@@ -124,6 +124,22 @@ class LayerRule(_Strict):
         return f"role {self.role}" if self.role else f"'{self.match}'"
 
 
+class BudgetSpec(_Strict):
+    """Mixed precision by measured sensitivity (:mod:`efquant_fx.graph.budget`): layers whose weights or
+    input activations matter most get ``high_bits`` until an average reaches its budget."""
+
+    weight_bits: float | None = Field(default=None, gt=0, le=8, description="parameter-weighted average, at most")
+    act_bits: float | None = Field(default=None, gt=0, le=8, description="MAC-weighted input average, at most")
+    high_bits: Bits = Field(default=8, ge=2, le=8, description="the bits a raised layer gets")
+    images: int = Field(default=64, ge=1, description="calibration faces the sensitivities are measured on")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetSpec:
+        if self.weight_bits is None and self.act_bits is None:
+            raise ValueError("give weight_bits, act_bits or both (the averages to stay within)")
+        return self
+
+
 class QuantConfig(_Strict):
     enabled: bool = True
     weight_bits: Bits = Field(default=8, ge=2, le=8)
@@ -145,6 +161,18 @@ class QuantConfig(_Strict):
     )
     quantize_prelu_slopes: bool = False
     batchnorm: Literal["keep", "fold", "reestimate"] = "fold"
+    budget: BudgetSpec | None = Field(
+        default=None, description="raise the most sensitive layers to budget.high_bits within average-bit "
+                                  "budgets; the saved recipe holds the chosen layers as quant.layers rules")
+
+    @model_validator(mode="after")
+    def _budget_reachable(self) -> QuantConfig:
+        b = self.budget
+        if b is not None and b.weight_bits is not None and b.weight_bits < self.weight_bits:
+            raise ValueError(f"budget.weight_bits {b.weight_bits} is below quant.weight_bits {self.weight_bits}")
+        if b is not None and b.act_bits is not None and b.act_bits < self.act_bits:
+            raise ValueError(f"budget.act_bits {b.act_bits} is below quant.act_bits {self.act_bits}")
+        return self
 
 
 class CalibrationConfig(_Strict):

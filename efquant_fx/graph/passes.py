@@ -40,6 +40,8 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     reconstruction: list[dict[str, Any]] = field(default_factory=list)  # per-layer rows of learned rounding
+    quant: QuantConfig | None = None  # the quant config with a bit budget resolved into layer rules
+    budget: dict[str, Any] | None = None  # what the budget search measured and chose
     progress: Callable[[str], None] | None = None  # one line per step of long passes
     stage: str = ""  # the pass running now, for error messages (out of memory)
 
@@ -153,8 +155,30 @@ class InsertQuantizers(GraphPass):
     label: ClassVar[str] = "the graph rewrite (pruning, equalization)"
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        ctx.plans = quantize_graph(gm, self.config)
+        ctx.plans = quantize_graph(gm, ctx.quant or self.config)
         return gm.to(ctx.device)
+
+
+@dataclass(repr=False)
+class BitBudget(GraphPass):
+    """Mixed precision by measured sensitivity (:mod:`efquant_fx.graph.budget`), decided before the
+    quantizers go in; the saved recipe holds the result as layer rules, so replay needs no data."""
+
+    config: QuantConfig
+    name: ClassVar[str] = "bit_budget"
+    label: ClassVar[str] = "the bit-budget search"
+    needs_data: ClassVar[bool] = True
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        from efquant_fx.graph.budget import search_budget
+
+        ctx.quant, ctx.budget = search_budget(gm, self.config, ctx.batches or [], ctx.device)
+        b, a = ctx.budget["base"], ctx.budget["after"]
+        ctx.notes.append(
+            f"bit budget: {len(ctx.budget['raised'])} layer weight/input choice(s) raised to "
+            f"{self.config.budget.high_bits if self.config.budget else 8} bits; average weight bits "
+            f"{b['avg_weight_bits']} -> {a['avg_weight_bits']}, input bits {b['avg_act_bits']} -> {a['avg_act_bits']}")
+        return gm
 
 
 class ReestimateBatchNorm(GraphPass):
@@ -247,6 +271,8 @@ def build_passes(recipe: Recipe) -> list[GraphPass]:
         passes.append(PReLUEqualization(recipe.ptq.prelu_equalization))
     if recipe.ptq.act_equalization:
         passes.append(ActivationEqualization(recipe.ptq.act_equalization))
+    if q.budget is not None:
+        passes.append(BitBudget(q))
     passes.append(InsertQuantizers(q))
     if q.batchnorm == "reestimate":
         passes.append(ReestimateBatchNorm())
