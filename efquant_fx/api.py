@@ -24,7 +24,9 @@ from efquant_fx.errors import EfquantError
 from efquant_fx.graph.passes import PassContext, build_passes, run_passes
 from efquant_fx.graph.report import compressed_size_bytes, embedding_cosine, float_size_bytes, layer_table, summarize
 from efquant_fx.graph.trace import trace
+from efquant_fx.models.check import check_finite_teacher
 from efquant_fx.models.loader import load_model
+from efquant_fx.models.registry import is_pretrained, list_models
 from efquant_fx.recipe import Recipe, load_recipe
 from efquant_fx.result import CompressionResult
 
@@ -51,6 +53,16 @@ def _out_of_memory(exc: BaseException, stage: str, batch_size: int, device: torc
         f"use a smaller batch: lower calibration.batch_size{hint}",
         field="calibration.batch_size",
     )
+
+
+def _require_weights(model: nn.Module | str | Path | None, recipe: Recipe, weights: str | Path | None) -> None:
+    """A zoo model with random weights only when the recipe says so: silently compressing one helps nobody."""
+    name = model if model is not None else recipe.model.name
+    if isinstance(name, str) and name in list_models() and not is_pretrained(name) \
+            and (weights or recipe.model.weights) is None and not recipe.model.random_weights:
+        raise EfquantError(f"zoo model '{name}' has no trained weights of its own: pass them (--weights "
+                           "backbone.pth, or model.weights), or set model.random_weights: true (CLI "
+                           "--random-weights) to compress a random-weight model on purpose", field="model.weights")
 
 
 def _load_teacher(model: nn.Module | str | Path | None, recipe: Recipe, weights: str | Path | None,
@@ -142,6 +154,7 @@ def compress(
     torch.manual_seed(recipe.seed)
     device = resolve_device(recipe.device)
     ctx = PassContext(device=device)
+    _require_weights(model, recipe, weights)
     with _timed(ctx.timings, "load_and_trace"):
         log.info("compress: loading and tracing %s", model if isinstance(model, str | Path) else type(model).__name__)
         teacher = _load_teacher(model, recipe, weights, device)
@@ -152,6 +165,7 @@ def compress(
         with _timed(ctx.timings, "calibration_data"):
             batches = _calibration_images(recipe, calibration_data, teacher, device, ctx.notes)
         # images held out to score the result (and fine-tune checkpoints)
+        check_finite_teacher(teacher, batches[0][:2], source=str(model) if isinstance(model, str | Path) else None)
         ctx.batches, held_out, separate = split_held_out(batches, ctx.notes)
         ctx.example = held_out[:2]
         log.info("compress: %d calibration images, %d %s", sum(b.shape[0] for b in ctx.batches), held_out.shape[0],

@@ -237,6 +237,9 @@ def apply_cmd(
                                          "recipe) from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out (its files "
                                             "are deleted first)")] = False,
+    random_weights: Annotated[bool, typer.Option("--random-weights", help="compress a zoo model with random "
+                                                 "weights on purpose (smoke tests); without it a zoo name needs "
+                                                 "--weights")] = False,
 ) -> None:
     """Run a recipe end to end: load, compress, fine-tune, evaluate, export; write a run directory
     (--out must be empty, unless --resume or --overwrite)."""
@@ -249,6 +252,8 @@ def apply_cmd(
         overrides.append(f"model.name={model}")
     if weights:
         overrides.append(f"model.weights={weights}")
+    if random_weights:
+        overrides.append("model.random_weights=true")
     spec = load_recipe(recipe, overrides)
     if data is not None:
         spec = with_image_source(spec, data)

@@ -21,7 +21,7 @@ from efquant_fx.errors import EfquantError
 from efquant_fx.files import check_writable, output_dir, undo_new_folders
 from efquant_fx.recipe import ExportConfig, Recipe, load_recipe
 from efquant_fx.result import CompressionResult
-from efquant_fx.rundir import EVAL_DIR, EXPORT_DIR, RECIPE_FILE, RUN_FILES, RUN_FOLDERS
+from efquant_fx.rundir import EVAL_DIR, EXPORT_DIR, LAST_CHECKPOINT, RECIPE_FILE, RUN_FILES, RUN_FOLDERS
 
 
 @dataclass
@@ -120,8 +120,16 @@ def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module
     out = Path(out_dir)
     claim_run_dir(out, spec, resume=resume, overwrite=overwrite)
     check_writable(out)
-    spec.save(out / RECIPE_FILE)  # written first: a failed run still says what was asked
-    result = compress(model if model is not None else spec.model.name, spec, finetune_dir=out, resume=resume)
+    with undo_new_folders(out):
+        fresh = not (out / RECIPE_FILE).exists()
+        spec.save(out / RECIPE_FILE)  # written first: a killed fine-tune resumes from what was asked
+        try:
+            result = compress(model if model is not None else spec.model.name, spec, finetune_dir=out,
+                              resume=resume)
+        except BaseException:
+            if fresh and not (out / LAST_CHECKPOINT).exists():  # nothing to resume: the same command may rerun
+                (out / RECIPE_FILE).unlink(missing_ok=True)
+            raise
     result.save(out)
     report = RunReport(out_dir=out, result=result)
     if spec.eval:

@@ -83,6 +83,8 @@ class DataSpec(_Strict):
 class ModelSpec(_Strict):
     name: str | None = Field(default=None, description="registry name, or a path to .onnx / MXNet symbol .json")
     weights: str | None = Field(default=None, description="insightface-layout backbone.pth / model.pt")
+    random_weights: bool = Field(default=False, description="build a zoo model without trained weights (smoke "
+                                 "tests only); otherwise a zoo name without weights is an error")
     leaf_modules: list[str] = Field(default_factory=list, description="module names/classes FX must not trace into")
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -56,3 +56,26 @@ def test_several_batches_hold_out_the_last_one_as_before(seen):
     assert len(seen) == 1 and torch.equal(seen[0], images[:8])
     assert result.fidelity["images"] == 8 and result.fidelity["held_out"] is True
     assert not any("held out" in n for n in result.notes)
+
+
+def test_a_zoo_model_without_weights_is_refused_unless_asked_for():
+    from efquant_fx.errors import EfquantError
+
+    recipe = {"device": "cpu", "quant": {}, "calibration": {"images": 8, "batch_size": 4, "data": {"kind": "random"}}}
+    with pytest.raises(EfquantError, match="model.weights: zoo model 'mobilefacenet' has no trained weights.*"
+                                           "random_weights: true"):
+        compress("mobilefacenet", recipe)
+    result = compress("mobilefacenet", {**recipe, "model": {"random_weights": True}})
+    assert result.summary["quantized_layers"] > 0
+
+
+def test_a_teacher_that_overflows_is_one_error_naming_the_layer():
+    from efquant_fx.errors import EfquantError
+    from tests.finetune.tiny import TinyFaceNet
+
+    model = TinyFaceNet()
+    with torch.no_grad():
+        model.body[1][0].weight.fill_(3e38)  # the second block's conv: its output overflows to inf
+    with pytest.raises(EfquantError, match=r"not finite: they overflow to inf/NaN at 'body\.1\.0'"):
+        compress(model, {"device": "cpu", "quant": {}, "calibration": {"images": 8, "batch_size": 4}},
+                 calibration_data=face_batch(8, seed=1))

@@ -64,7 +64,7 @@ def one_error_line(res) -> str:
 def run_dir(tmp_path_factory):
     """`apply` of a W8A8 mobilefacenet (zoo name, random init and calibration), packed export on."""
     tmp = tmp_path_factory.mktemp("cli_run")
-    recipe = {"name": "tiny_mbf", "device": "cpu", "model": {"name": "mobilefacenet"},
+    recipe = {"name": "tiny_mbf", "device": "cpu", "model": {"name": "mobilefacenet", "random_weights": True},
               "quant": {"weight_bits": 8, "act_bits": 8}, "calibration": {"images": 8, "batch_size": 4},
               "export": {"formats": ["packed"]}}
     (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -256,7 +256,7 @@ def test_data_option_replaces_the_recipes_image_source_and_keeps_its_subset(tmp_
 def test_export_of_a_run_calibrated_on_synthetic_images(tmp_path):
     """The quickstart's runs calibrate on images synthesized from the teacher: export rebuilds them
     (from the cache) with the reloaded teacher, and says nothing false about its weights."""
-    recipe = {"name": "tiny_synth", "device": "cpu", "model": {"name": "mobilefacenet"},
+    recipe = {"name": "tiny_synth", "device": "cpu", "model": {"name": "mobilefacenet", "random_weights": True},
               "quant": {"weight_bits": 8, "act_bits": 8},
               "calibration": {"images": 8, "batch_size": 4,
                               "data": {"kind": "synthetic", "n": 8, "steps": 1, "cache": str(tmp_path / "synth")}}}
@@ -353,9 +353,12 @@ def test_a_shipped_recipe_is_taken_by_name(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["inspect", "mobilefacenet", "--recipe", "mobilefacenet_w4a8"])
     assert res.exit_code == 0 and "recipe mobilefacenet_w4a8" in res.output
-    res = runner.invoke(app, ["apply", "mobilefacenet_w8a8", "--out", "run", "--set", "calibration.data={kind: random}",
-                              "--set", "calibration.images=8", "--set", "calibration.batch_size=4",
-                              "--set", "device=cpu"])
+    args = ["apply", "mobilefacenet_w8a8", "--out", "run", "--set", "calibration.data={kind: random}",
+            "--set", "calibration.images=8", "--set", "calibration.batch_size=4", "--set", "device=cpu"]
+    line = one_error_line(runner.invoke(app, args))  # no --weights: random weights only when asked for
+    assert "zoo model 'mobilefacenet' has no trained weights" in line and "--random-weights" in line
+    assert not (tmp_path / "run").exists()  # nothing left behind: the same --out takes the next try
+    res = runner.invoke(app, [*args, "--random-weights"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model.pt").is_file()
     (tmp_path / "mobilefacenet_w8a8.yaml").write_text("name: mine\n")  # a file of that name wins

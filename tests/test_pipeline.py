@@ -24,7 +24,7 @@ def test_apply_writes_a_complete_run_directory(tmp_path):
     faces = tmp_path / "faces"
     make_faces(faces)
     recipe = {
-        "name": "tiny_mbf_w8a8", "device": "cpu", "model": {"name": "mobilefacenet"},
+        "name": "tiny_mbf_w8a8", "device": "cpu", "model": {"name": "mobilefacenet", "random_weights": True},
         "quant": {"weight_bits": 8, "act_bits": 8},
         "calibration": {"images": 8, "batch_size": 4, "data": {"kind": "folder", "root": str(faces)}},
         "finetune": {"data": {"kind": "folder", "root": str(faces)}, "steps": 2, "identities_per_batch": 2,
@@ -61,7 +61,8 @@ def test_apply_unwritable_out_exit_2(tmp_path):
 
 def _ptq_recipe(tmp_path, name: str, bits: int):
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"name": name, "device": "cpu", "model": {"name": "mobilefacenet"},
+    path.write_text(yaml.safe_dump({"name": name, "device": "cpu",
+                                    "model": {"name": "mobilefacenet", "random_weights": True},
                                     "quant": {"weight_bits": bits, "act_bits": 8},
                                     "calibration": {"images": 4, "batch_size": 4}}))
     return path

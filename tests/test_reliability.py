@@ -362,7 +362,8 @@ def test_cli_refusals_are_one_line(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model: {name: mobilefacenet}\nquant: {}\ncalibration:\n  images: 4\n  batch_size: 2\n"
+    recipe.write_text("model: {name: mobilefacenet, random_weights: true}\nquant: {}\ncalibration:\n"
+                      "  images: 4\n  batch_size: 2\n"
                       "  data: {kind: folder, root: my/faces}\n")
     assert refused(["apply", str(recipe), "--out", str(tmp_path / "run")]) == \
         f"error: {tmp_path}/my/faces: calibration.data.root: image folder not found (expected root/<identity>/<image>)"

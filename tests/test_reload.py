@@ -28,7 +28,8 @@ def tiny_recipe(**sections) -> dict:
 @pytest.fixture(scope="module")
 def mbf_run(tmp_path_factory):
     """mobilefacenet by zoo name (random init, seeded by compress), random calibration, saved."""
-    recipe = {"model": {"name": "mobilefacenet"}, "device": "cpu", "quant": {"weight_bits": 4, "act_bits": 8},
+    recipe = {"model": {"name": "mobilefacenet", "random_weights": True}, "device": "cpu",
+              "quant": {"weight_bits": 4, "act_bits": 8},
               "calibration": {"images": 8, "batch_size": 4}}
     result = compress("mobilefacenet", recipe)
     out = tmp_path_factory.mktemp("mbf_run")
