@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from brevitas.nn import QuantConv2d, QuantLinear
 from torch import nn
 
+from efquant_fx.graph.fakequant import fast_fake_quant
 from efquant_fx.graph.frozen import frozen_quantizers, layer_functional
 from efquant_fx.graph.modules import ActQuant
 
@@ -119,21 +121,22 @@ def _learn_rounding(layer: nn.Module, point: ActQuant | None, x: torch.Tensor, t
     forward = layer_functional(layer)
     g = torch.Generator(device="cpu").manual_seed(0)
     warm = int(cfg.warmup * cfg.iters)
-    for it in range(cfg.iters):
-        idx = torch.randint(0, x.shape[0], (min(cfg.batch_size, x.shape[0]),), generator=g)
-        xb = x[idx]
-        if point is not None:
-            xb = point(xb)
-        h = torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        wq = torch.clamp(floor + h, qmin, qmax) * scale
-        loss = F.mse_loss(forward(xb, wq), target[idx])
-        if it >= warm:
-            t = (it - warm) / max(1, cfg.iters - warm)
-            beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * t))
-            loss = loss + cfg.reg_weight * _rounding_loss(h, beta) / h.numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with fast_fake_quant(point) if point is not None else nullcontext():  # the input step's LSQ gradient, fused
+        for it in range(cfg.iters):
+            idx = torch.randint(0, x.shape[0], (min(cfg.batch_size, x.shape[0]),), generator=g)
+            xb = x[idx]
+            if point is not None:
+                xb = point(xb)
+            h = torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+            wq = torch.clamp(floor + h, qmin, qmax) * scale
+            loss = F.mse_loss(forward(xb, wq), target[idx])
+            if it >= warm:
+                t = (it - warm) / max(1, cfg.iters - warm)
+                beta = cfg.beta[1] + 0.5 * (cfg.beta[0] - cfg.beta[1]) * (1 + math.cos(math.pi * t))
+                loss = loss + cfg.reg_weight * _rounding_loss(h, beta) / h.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     with torch.no_grad():
         ints = torch.clamp(floor + (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA >= 0.5).float(), qmin, qmax)
         # the largest weight of each channel stays on the grid's edge, so the quantizer's abs-max scale is kept
