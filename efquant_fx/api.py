@@ -22,8 +22,15 @@ from efquant_fx.data.calibration import as_batches, calibration_batches
 from efquant_fx.device import resolve_device
 from efquant_fx.errors import EfquantError
 from efquant_fx.graph.passes import PassContext, build_passes, run_passes
-from efquant_fx.graph.report import compressed_size_bytes, embedding_cosine, float_size_bytes, layer_table, summarize
-from efquant_fx.graph.trace import trace
+from efquant_fx.graph.report import (
+    compressed_size_bytes,
+    coverage_note,
+    embedding_cosine,
+    float_size_bytes,
+    layer_table,
+    summarize,
+)
+from efquant_fx.graph.trace import auto_leaf_notes, trace
 from efquant_fx.models.check import check_finite_teacher
 from efquant_fx.models.loader import load_model
 from efquant_fx.models.registry import is_pretrained, list_models
@@ -159,6 +166,7 @@ def compress(
         log.info("compress: loading and tracing %s", model if isinstance(model, str | Path) else type(model).__name__)
         teacher = _load_teacher(model, recipe, weights, device)
         gm = trace(copy.deepcopy(teacher), recipe.model.leaf_modules)
+        ctx.notes.extend(auto_leaf_notes(gm))
 
     ctx.stage = "loading the calibration images"  # what ran out of memory, if something does
     try:
@@ -179,6 +187,8 @@ def compress(
 
     if ctx.quant is not None:  # the budget's choice, as rules: the saved recipe rebuilds this graph
         recipe = recipe.model_copy(update={"quant": ctx.quant})
+    if (note := coverage_note(gm)) is not None:
+        ctx.notes.append(note)
     layers = layer_table(gm, ctx.plans)
     result = CompressionResult(
         model=gm, teacher=teacher, recipe=recipe, layers=layers, summary=summarize(layers),

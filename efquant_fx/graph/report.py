@@ -106,3 +106,56 @@ def embedding_cosine(reference: nn.Module, model: nn.Module, x: torch.Tensor) ->
         b = torch.nn.functional.normalize(model(x).float(), dim=1)
     cos = (a * b).sum(1)
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "images": int(x.shape[0])}
+
+
+_MATMUL_FUNCTIONS = {"matmul", "bmm", "baddbmm", "scaled_dot_product_attention", "einsum"}
+
+
+def _op_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if isinstance(m, nn.Conv2d | nn.Linear) or type(m).__name__ in ("QuantConv2d", "QuantLinear"):
+            return "conv" if "Conv" in type(m).__name__ else "linear"
+        if isinstance(m, nn.LayerNorm):
+            return "layer_norm"
+        if isinstance(m, nn.Softmax):
+            return "softmax"
+        return "opaque module" if any(isinstance(c, nn.Conv2d | nn.Linear) for c in m.modules()) else None
+    name = getattr(node.target, "__name__", str(node.target))
+    if node.op in ("call_function", "call_method"):
+        if name in _MATMUL_FUNCTIONS:
+            return "matmul"
+        if name in ("softmax", "layer_norm"):
+            return name
+    return None
+
+
+def op_coverage(gm: torch.fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """``{op kind: (quantized, total)}``: conv/linear layers count when Brevitas layers, matmuls when every
+    tensor input comes from an activation quant point; softmax, LayerNorm and opaque (leaf) modules
+    that hold conv/linear layers are float here and counted so that a report shows what stayed float."""
+    out: dict[str, list[int]] = {}
+    for node in gm.graph.nodes:
+        kind = _op_kind(gm, node)
+        if kind is None:
+            continue
+        if kind in ("conv", "linear"):
+            quantized = type(gm.get_submodule(str(node.target))).__name__.startswith("Quant")
+        elif kind == "matmul":
+            inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+            quantized = bool(inputs) and all(a.op == "call_module" and isinstance(
+                gm.get_submodule(str(a.target)), ActQuant) for a in inputs)
+        else:
+            quantized = False
+        counts = out.setdefault(kind, [0, 0])
+        counts[0] += int(quantized)
+        counts[1] += 1
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def coverage_note(gm: torch.fx.GraphModule) -> str | None:
+    """A one-line note when the graph has ops beyond conv/linear (attention, LayerNorm, opaque modules)."""
+    cov = op_coverage(gm)
+    if set(cov) <= {"conv", "linear"}:
+        return None
+    return "op coverage (quantized/total): " + ", ".join(f"{k} {q}/{t}" for k, (q, t) in cov.items())

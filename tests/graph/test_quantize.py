@@ -178,9 +178,53 @@ class WithDynamic(nn.Module):
 
 def test_untraceable_module_named_with_fix():
     with pytest.raises(EfquantError, match=r"module 'gate' \(Dynamic\).*leaf_modules: \['gate'\]"):
-        trace(WithDynamic())
+        trace(WithDynamic(), auto_leaf=False)
     gm = trace(WithDynamic(), leaf_modules=["gate"])
     assert any(n.target == "gate" for n in gm.graph.nodes)
+
+
+class PatchEmbed(nn.Module):
+    """insightface vit's patch embedding: a shape assert torch.fx cannot trace, around a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, stride=16)
+
+    def forward(self, x):
+        _b, _c, h, w = x.shape
+        assert h == 112 and w == 112, "input size"
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TinyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = PatchEmbed()
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = self.patch_embed(x)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        attn = (q @ k.transpose(1, 2)).softmax(-1)
+        return self.head((attn @ v).mean(1))
+
+
+def test_a_module_that_does_not_trace_becomes_a_leaf_and_says_so():
+    from efquant_fx import compress
+
+    model = TinyViT().eval()
+    x = torch.rand(2, 3, 112, 112)
+    result = compress(model, {"device": "cpu", "quant": {}, "calibration": {"images": 8, "batch_size": 4}},
+                      calibration_data=torch.rand(8, 3, 112, 112) * 2 - 1)
+    note = next(n for n in result.notes if n.startswith("torch.fx could not trace"))
+    assert "'patch_embed' (PatchEmbed: TraceError" in note
+    assert {r["layer"] for r in result.layers if r["status"] == "quantized"} == {"qkv", "head"}
+    coverage = next(n for n in result.notes if n.startswith("op coverage"))
+    assert "linear 2/2" in coverage and "opaque module 0/1" in coverage and "matmul 0/2" in coverage
+    assert "softmax 0/1" in coverage
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(result.model(x), model(x)).min() > 0.9
 
 
 def test_plan_reports_exclusions():
