@@ -257,7 +257,7 @@ def apply_cmd(
     spec = load_recipe(recipe, overrides)
     if data is not None:
         spec = with_image_source(spec, data)
-    check_writable(out)
+    check_writable(out, keep=False)  # before any work; run_recipe makes the folder (and removes it on failure)
     report = run_recipe(spec, out_dir=out, resume=resume, overwrite=overwrite, progress=console.is_terminal)
     result = report.result
     print_table(result.table(max_rows=30))

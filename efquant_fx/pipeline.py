@@ -119,8 +119,8 @@ def run_recipe(recipe: Recipe | str | Path | dict[str, Any], *, model: nn.Module
     spec = load_recipe(recipe, overrides or [])
     out = Path(out_dir)
     claim_run_dir(out, spec, resume=resume, overwrite=overwrite)
-    check_writable(out)
     with undo_new_folders(out):
+        check_writable(out)
         fresh = not (out / RECIPE_FILE).exists()
         spec.save(out / RECIPE_FILE)  # written first: a killed fine-tune resumes from what was asked
         try:
