@@ -204,16 +204,24 @@ def test_a_layer_rule_needs_exactly_one_selector():
 
 @pytest.mark.parametrize("name,model", [("mobilefacenet_w4a8", "mobilefacenet"),
                                         ("mobilefacenet_w4a4", "mobilefacenet"),
-                                        ("arcface_r100_w4a8", "arcface_r18")])
+                                        ("arcface_r100_w4a8", "arcface_r18"),
+                                        ("arcface_r100_w4a4", "arcface_r18")])
 def test_shipped_low_bit_recipes_run_their_passes_on_their_architecture(name, model):
-    """Role rules select layers and every pass runs (r18 stands in for r100: the same block layout)."""
+    """Budgets and rules select layers and every pass runs (r18 stands in for r100: the same block layout)."""
     from efquant_fx import compress
+    from efquant_fx.recipe import load_recipe
 
     path = Path(__file__).resolve().parents[1] / "efquant_fx" / "recipes" / f"{name}.yaml"
-    result = compress(model, path, overrides=["calibration.data={kind: random}", "calibration.images=8",
-                                              "calibration.batch_size=4", "ptq.learned_rounding.iters=1",
-                                              "device=cpu"])
+    spec = load_recipe(path)
+    overrides = ["calibration.data={kind: random}", "calibration.images=8", "calibration.batch_size=4",
+                 "device=cpu", "model.random_weights=true", "finetune=null"]
+    if spec.ptq.learned_rounding is not None:
+        overrides.append("ptq.learned_rounding.iters=1")
+    result = compress(model, path, overrides=overrides)
     kept = {r["layer"] for r in result.layers if r.get("weight_bits") == 8}
-    assert len(kept) >= 2 and result.summary["quantized_layers"] == result.summary["compute_layers"]
+    assert kept and result.summary["quantized_layers"] == result.summary["compute_layers"]
     assert any(n.startswith("PReLU equalization:") for n in result.notes)
-    assert len(result.reconstruction) == result.summary["quantized_layers"]
+    if spec.quant.budget is not None:  # resolved into rules the saved recipe carries
+        assert any(n.startswith("bit budget:") for n in result.notes) and result.recipe.quant.budget is None
+    if spec.ptq.learned_rounding is not None:
+        assert len(result.reconstruction) == result.summary["quantized_layers"]
