@@ -220,6 +220,10 @@ def inspect_cmd(
     print_table(table)
     n_q = sum(p.quantize for p in plans.values())
     console.print(f"{n_q}/{len(plans)} layers would be quantized", markup=False)
+    if quant.budget is not None:
+        console.print(f"quant.budget: the layers raised to {quant.budget.high_bits} bits are chosen when compressing "
+                      "(measured sensitivity on calibration faces); shown here at the recipe's own bits",
+                      markup=False)
 
 
 @app.command("apply")
