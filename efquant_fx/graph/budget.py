@@ -186,7 +186,7 @@ def search_budget(gm: fx.GraphModule, cfg: QuantConfig, batches: Sequence[torch.
     for c in costs:
         if c.point in raised_points:
             c.act_bits = budget.high_bits
-    report = {"base": base, "after": average_bits(costs),
+    report = {"base": base, "after": average_bits(costs), "high_bits": budget.high_bits,
               "raised": [{"kind": k.kind, "layers": list(k.layers), "gain": k.gain} for k in chosen],
               "candidates": len(candidates)}
     log.info("bit budget: %d of %d candidates raised to %d bits", len(chosen), len(candidates), budget.high_bits)

@@ -20,14 +20,13 @@ layer is checked on entry: its scale must equal the one ``quant_weight()`` repor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
-from brevitas.nn import QuantConv2d, QuantLinear
 from torch import nn
 
-from efquant_fx.graph.frozen import layer_functional
+from efquant_fx.graph.frozen import layer_functional, patched_forwards, swappable_layer
 from efquant_fx.graph.modules import ActQuant
 
 
@@ -105,25 +104,13 @@ def _act_forward(point: ActQuant) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-@contextmanager
-def fast_fake_quant(model: nn.Module) -> Iterator[nn.Module]:
+def _fused_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if isinstance(m, ActQuant):  # any mode: a fine-tune may observe first, then quantize
+        return _act_forward(m)
+    return _weight_forward(m) if swappable_layer(m) else None
+
+
+def fast_fake_quant(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Within the block, ``model``'s quantized layers and activation points train through fused
     fake-quant ops; the Brevitas forward is restored on exit (also after an exception)."""
-    patched = []
-    for m in model.modules():
-        if "forward" in vars(m):  # patched already (a nested call): the outer block restores it
-            continue
-        if isinstance(m, ActQuant):  # any mode: a fine-tune may observe first, then quantize
-            run = _act_forward(m)
-        elif isinstance(m, QuantConv2d) and m.padding_mode == "zeros" or isinstance(m, QuantLinear):
-            run = _weight_forward(m)
-        else:
-            continue
-        if run is not None:
-            m.forward = run  # type: ignore[method-assign]
-            patched.append(m)
-    try:
-        yield model
-    finally:
-        for m in patched:
-            del m.forward
+    return patched_forwards(model, _fused_forward)

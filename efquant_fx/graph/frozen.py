@@ -11,7 +11,7 @@ gradients and learnable scales are the point there).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -44,24 +44,39 @@ def _layer_forward(layer: nn.Module):
     return lambda x: forward(x, weight)
 
 
+def swappable_layer(m: nn.Module) -> bool:
+    """A Brevitas conv/linear whose forward is ``layer_functional`` with a quantized weight."""
+    return isinstance(m, QuantConv2d) and m.padding_mode == "zeros" or isinstance(m, QuantLinear)
+
+
 @contextmanager
-def frozen_quantizers(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block ``model`` runs with weights quantized once and activation points as plain
-    arithmetic; the Brevitas forward is restored on exit (also after an exception)."""
+def patched_forwards(model: nn.Module, forward_for: Callable[[nn.Module], Callable | None]) -> Iterator[nn.Module]:
+    """Within the block every module for which ``forward_for`` gives a function runs that function; the
+    class forward is restored on exit (also after an exception). A module patched already (a nested
+    block) is left to the outer block."""
     patched = []
-    with torch.no_grad():
-        for m in model.modules():
-            if "forward" in vars(m):  # frozen already (a nested call): the outer block restores it
-                continue
-            if isinstance(m, ActQuant) and m.mode == "quant":
-                m.forward = _point_forward(m)  # type: ignore[method-assign]
-            elif isinstance(m, QuantConv2d) and m.padding_mode == "zeros" or isinstance(m, QuantLinear):
-                m.forward = _layer_forward(m)  # type: ignore[method-assign]
-            else:
-                continue
+    for m in model.modules():
+        if "forward" in vars(m):
+            continue
+        run = forward_for(m)
+        if run is not None:
+            m.forward = run  # type: ignore[method-assign]
             patched.append(m)
     try:
         yield model
     finally:
         for m in patched:
             del m.forward
+
+
+@torch.no_grad()
+def _frozen_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    if isinstance(m, ActQuant) and m.mode == "quant":
+        return _point_forward(m)
+    return _layer_forward(m) if swappable_layer(m) else None
+
+
+def frozen_quantizers(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Within the block ``model`` runs with weights quantized once and activation points as plain
+    arithmetic; the Brevitas forward is restored on exit (also after an exception)."""
+    return patched_forwards(model, _frozen_forward)

@@ -176,7 +176,7 @@ class BitBudget(GraphPass):
         b, a = ctx.budget["base"], ctx.budget["after"]
         ctx.notes.append(
             f"bit budget: {len(ctx.budget['raised'])} layer weight/input choice(s) raised to "
-            f"{self.config.budget.high_bits if self.config.budget else 8} bits; average weight bits "
+            f"{ctx.budget['high_bits']} bits; average weight bits "
             f"{b['avg_weight_bits']} -> {a['avg_weight_bits']}, input bits {b['avg_act_bits']} -> {a['avg_act_bits']}")
         return gm
 
